@@ -1,0 +1,262 @@
+"""The encoder: a sentence-transformers model with its MRL head chosen, encoding passages and queries as Stella does.
+
+Prompt types follow the Stella model card. ``s2p`` (retrieval, the default): queries get the model's
+``s2p_query`` prompt, passages none. ``s2s`` (similar text): both sides get ``s2s_query``. Prompts come from the
+model's own ``config_sentence_transformers.json``; a model without them (MiniLM) gets none.
+
+>>> encoder = Encoder.load("minilm")
+>>> encoder.encode_queries(["what is faiss?"]).shape
+(1, 384)
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.models import HeadChoice, ModelProfile, default_head, model_folder, resolve_profile, select_head
+from indexer.settings import Settings
+from storage.collection import Manifest
+from storage.errors import InvalidInputError, ModelUnavailableError
+
+log = logging.getLogger(__name__)
+
+PROMPT_NAMES = {"s2p": ("s2p_query", None), "s2s": ("s2s_query", "s2s_query")}
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda:0`` when CUDA is available, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"processing.device is {device!r} but CUDA is not available here; use auto or cpu")
+    return device
+
+
+@dataclass
+class EncodeStats:
+    """Running totals, for logs, metrics and benchmarks."""
+
+    texts: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    oom_backoffs: int = 0
+
+
+class Encoder:
+    """Turns passages and queries into normalised vectors of the collection's dimension."""
+
+    def __init__(self, model, profile: ModelProfile, head: HeadChoice, settings: Settings, device: str):
+        self.model = model
+        self.profile = profile
+        self.head = head
+        self.settings = settings
+        self.device = device
+        self.prompt_type = settings.encoder.prompt_type
+        prompts = getattr(model, "prompts", {}) or {}
+        query_name, passage_name = PROMPT_NAMES[self.prompt_type]
+        self.query_prompt: str | None = prompts.get(query_name) or None
+        self.passage_prompt: str | None = prompts.get(passage_name) or None if passage_name else None
+        self.stats = EncodeStats()
+        self._cache = None
+        if settings.embedding.cache_embeddings:
+            from indexer.embedding_cache import EmbeddingCache
+
+            self._cache = EmbeddingCache(Path(settings.embedding.cache_dir), self.fingerprint)
+
+    @classmethod
+    def load(cls, model: str | None = None, settings: Settings | None = None, dim: int | None = None) -> Encoder:
+        """Load ``model`` (a profile or folder; default ``settings.encoder.model``) at ``dim`` dimensions."""
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        settings = settings or Settings()
+        profile = resolve_profile(model or settings.encoder.model)
+        folder = model_folder(profile)
+        device = resolve_device(settings.processing.device)
+        config_kwargs = dict(profile.cpu_config_kwargs) if not _xformers_on(device) else {}
+        started = time.perf_counter()
+        try:
+            st_model = SentenceTransformer(
+                str(folder),
+                device=device,
+                trust_remote_code=profile.trust_remote_code,
+                local_files_only=True,
+                config_kwargs=config_kwargs or None,
+            )
+        except OSError as exc:
+            raise ModelUnavailableError(f"cannot load model {profile.model_id} from {folder}: {exc}") from exc
+        head = select_head(
+            folder, _native_dim(st_model), dim if dim is not None else settings.encoder.embedding_dimension
+        )
+        _use_head(st_model, folder, head, profile)
+        st_model.max_seq_length = min(settings.encoder.max_length, st_model.max_seq_length or 512)
+        if device.startswith("cuda"):
+            st_model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        st_model.eval()
+        log.info(
+            "loaded %s (%s) on %s in %.1fs: head %s, max %d tokens",
+            profile.name,
+            profile.model_id,
+            device,
+            time.perf_counter() - started,
+            head.label,
+            st_model.max_seq_length,
+        )
+        return cls(st_model, profile, head, settings, device)
+
+    # -- what a collection records --------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return self.head.dim
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.model.max_seq_length
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def fingerprint(self) -> str:
+        parts = [
+            self.profile.model_id,
+            self.profile.revision or "",
+            self.head.label,
+            str(self.settings.encoder.normalize_embeddings),
+            str(self.max_seq_length),
+        ]
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+    def manifest(self) -> Manifest:
+        return Manifest(
+            model=self.profile.name,
+            model_id=self.profile.model_id,
+            revision=self.profile.revision,
+            dim=self.dim,
+            head=self.head.label,
+            prompt_type=self.prompt_type,
+            max_length=self.max_seq_length,
+            normalized=self.settings.encoder.normalize_embeddings,
+        )
+
+    # -- encoding -------------------------------------------------------------------------------------------
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """Vectors for search queries (with the query prompt of the prompt type)."""
+        return self.encode(texts, self.query_prompt)
+
+    def encode_passages(self, texts: list[str]) -> np.ndarray:
+        """Vectors for stored passages (bare for ``s2p``, with ``s2s_query`` for ``s2s``)."""
+        return self.encode(texts, self.passage_prompt)
+
+    def encode(self, texts: list[str], prompt: str | None = None) -> np.ndarray:
+        """Encode ``texts`` (prompt prepended) in length-sorted batches; float32, shape (len(texts), dim)."""
+        out = np.empty((len(texts), self.dim), dtype="float32")
+        if not texts:
+            return out
+        todo = list(range(len(texts)))
+        if self._cache is not None:
+            cached = self._cache.get([(prompt or "") + t for t in texts])
+            for i, vector in cached.items():
+                out[i] = vector
+            todo = [i for i in todo if i not in cached]
+        if todo:
+            vectors = self._encode_uncached([texts[i] for i in todo], prompt)
+            out[todo] = vectors
+            if self._cache is not None:
+                self._cache.put([(prompt or "") + texts[i] for i in todo], vectors)
+        return out
+
+    def _encode_uncached(self, texts: list[str], prompt: str | None) -> np.ndarray:
+        import torch
+
+        started = time.perf_counter()
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype="float32")
+        batch_size = self.settings.encoder.batch_size
+        processing = self.settings.processing
+        on_cuda = self.device.startswith("cuda")
+        start = 0
+        while start < len(texts):
+            idx = order[start : start + batch_size]
+            try:
+                out[idx] = self._forward([texts[i] for i in idx], prompt)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size //= 2
+                self.stats.oom_backoffs += 1
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory: retrying with batch size %d", batch_size)
+                continue
+            start += len(idx)
+            self.stats.batches += 1
+            if (
+                on_cuda
+                and processing.clear_cache_interval
+                and self.stats.batches % processing.clear_cache_interval == 0
+            ):
+                torch.cuda.empty_cache()
+            if processing.force_gc_interval and self.stats.batches % processing.force_gc_interval == 0:
+                gc.collect()
+        self.stats.texts += len(texts)
+        self.stats.seconds += time.perf_counter() - started
+        return out
+
+    def _forward(self, texts: list[str], prompt: str | None) -> np.ndarray:
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        features = batch_to_device(self.model.preprocess(texts, prompt=prompt), self.model.device)
+        with torch.inference_mode():
+            embeddings = self.model(features)["sentence_embedding"]
+        if self.head.truncate:
+            embeddings = embeddings[:, : self.head.dim]
+        if self.settings.encoder.normalize_embeddings:
+            embeddings = torch.nn.functional.normalize(embeddings.float(), p=2, dim=1)
+        return embeddings.float().cpu().numpy()
+
+
+def _native_dim(st_model) -> int:
+    getter = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+    return int(getter())
+
+
+def _xformers_on(device: str) -> bool:
+    if not device.startswith("cuda"):
+        return False
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_head(st_model, folder: Path, head: HeadChoice, profile: ModelProfile) -> None:
+    """Swap the model's Dense module for the chosen head's folder (heads are separate layers, not prefixes)."""
+    if head.head_folder is None or head.head_folder == default_head(folder):
+        return
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    for name, module in st_model.named_children():
+        if isinstance(module, Dense):
+            replacement = Dense.load(
+                str(folder),
+                subfolder=head.head_folder,
+                local_files_only=True,
+                trust_remote_code=profile.trust_remote_code,
+            )
+            st_model._modules[name] = replacement.to(st_model.device)
+            return
+    raise InvalidInputError(f"model {profile.model_id} has MRL head folders but no Dense module in modules.json")

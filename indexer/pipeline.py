@@ -1,0 +1,201 @@
+"""The ingest pipeline: documents -> passages -> vectors -> one committed write per batch of documents.
+
+Unchanged documents (same title and text) are not re-encoded; a metadata-only change updates the row; changed
+documents get their passages replaced atomically.
+
+>>> report = ingest_paths([Path("corpus.jsonl")], Path("data"), "default", load_settings(cli=...))
+>>> report.passages_written
+5000
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+from indexer.chunking import Chunker, text_to_encode
+from indexer.encoder import Encoder
+from indexer.settings import Settings
+from indexer.sources import check_sources, read_documents
+from storage.collection import Collection, Document, Passage, collection_dir
+from storage.errors import ModelMismatchError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestReport:
+    documents_seen: int = 0
+    documents_added: int = 0
+    documents_replaced: int = 0
+    documents_unchanged: int = 0
+    metadata_updated: int = 0
+    passages_written: int = 0
+    passages_removed: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    collection: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batched(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def encoder_for_collection(collection: Collection, settings: Settings, model: str | None = None) -> Encoder:
+    """Load the encoder a collection was built with; a different ``model`` is refused (ModelMismatchError)."""
+    manifest = collection.manifest
+    encoder_settings = settings.model_copy(deep=True)
+    encoder_settings.encoder.prompt_type = manifest.prompt_type
+    encoder_settings.encoder.max_length = manifest.max_length
+    encoder_settings.encoder.normalize_embeddings = manifest.normalized
+    encoder = Encoder.load(model or manifest.model, encoder_settings, dim=manifest.dim)
+    collection.require_compatible(encoder.manifest())
+    return encoder
+
+
+def open_collection(data_dir: Path, name: str) -> Collection:
+    return Collection.open(collection_dir(data_dir, name))
+
+
+def open_or_create_collection(
+    data_dir: Path, name: str, settings: Settings, model: str | None = None, dim: int | None = None
+) -> tuple[Collection, Encoder]:
+    """The collection ``name`` with its encoder; created with ``model``/``dim`` (or the settings') if new."""
+    path = collection_dir(data_dir, name)
+    try:
+        collection = Collection.open(path)
+    except NotFoundError:
+        encoder = Encoder.load(model, settings, dim=dim)
+        return Collection.create(path, encoder.manifest()), encoder
+    if dim is not None and dim != collection.manifest.dim:
+        collection.close()
+        raise ModelMismatchError(
+            f"collection {name} was built with {collection.manifest.describe()}; refusing dim {dim}. "
+            "Vectors of different dimensions cannot share an index: ingest into a new collection."
+        )
+    try:
+        encoder = encoder_for_collection(collection, settings, model)
+    except Exception:
+        collection.close()
+        raise
+    return collection, encoder
+
+
+def ingest_documents(
+    collection: Collection,
+    encoder: Encoder,
+    documents: Iterable[Document],
+    settings: Settings,
+    total: int | None = None,
+    batch_documents: int | None = None,
+    checkpoint: bool = True,
+    quiet: bool = False,
+) -> IngestReport:
+    """Encode and commit ``documents`` batch by batch; each batch is one transaction.
+
+    ``batch_documents`` overrides ``ingest.commit_documents`` (the API writes a request as one transaction);
+    ``checkpoint=False`` leaves the FAISS file to a later checkpoint (SQLite already holds every vector).
+    """
+    report = IngestReport()
+    started = time.perf_counter()
+    encode_before = encoder.stats.seconds
+    chunker = Chunker(encoder.tokenizer, encoder.max_seq_length, settings.ingest.chunk_overlap, encoder.passage_prompt)
+    progress = _progress(total, quiet)
+    for batch in _batched(documents, batch_documents or settings.ingest.commit_documents):
+        states = collection.document_states([d.id for d in batch])
+        to_encode: list[Document] = []
+        metadata_only: list[Document] = []
+        for doc in batch:
+            same_content, same_metadata = Collection.is_unchanged(doc, states.get(doc.id))
+            if not same_content:
+                to_encode.append(doc)
+                if doc.id in states:
+                    report.documents_replaced += 1
+                else:
+                    report.documents_added += 1
+            elif not same_metadata:
+                metadata_only.append(doc)
+            else:
+                report.documents_unchanged += 1
+        passages: list[Passage] = []
+        texts: list[str] = []
+        for doc in to_encode:
+            for passage in chunker.split(doc):
+                passages.append(passage)
+                texts.append(text_to_encode(doc.title, passage.text))
+        if to_encode or metadata_only:
+            vectors = encoder.encode_passages(texts)
+            result = collection.write(to_encode + metadata_only, passages, vectors)
+            report.passages_written += result.passages_added
+            report.passages_removed += result.passages_removed
+        report.metadata_updated += len(metadata_only)
+        report.documents_seen += len(batch)
+        progress(len(batch), report)
+    if checkpoint:
+        collection.checkpoint()
+    progress(0, report, done=True)
+    report.seconds = time.perf_counter() - started
+    report.encode_seconds = encoder.stats.seconds - encode_before
+    report.collection = {"documents": collection.count_documents(), "passages": collection.count_passages()}
+    return report
+
+
+def ingest_paths(
+    paths: Sequence[Path],
+    data_dir: Path,
+    name: str,
+    settings: Settings,
+    model: str | None = None,
+    dim: int | None = None,
+) -> IngestReport:
+    """Validate every input file, then ingest them into collection ``name`` (created if new)."""
+    total = check_sources(paths)
+    collection, encoder = open_or_create_collection(data_dir, name, settings, model, dim)
+    with collection:
+        documents = (doc for path in paths for doc in read_documents(Path(path)))
+        return ingest_documents(collection, encoder, documents, settings, total=total)
+
+
+def _progress(total: int | None, quiet: bool = False):
+    """A tqdm bar on a terminal; a log line every ~10% otherwise; nothing when quiet."""
+    if quiet:
+        return lambda n, report, done=False: None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="doc", desc="ingest")
+
+        def update(n: int, report: IngestReport, done: bool = False) -> None:
+            bar.update(n)
+            bar.set_postfix(passages=report.passages_written, refresh=False)
+            if done:
+                bar.close()
+
+        return update
+
+    step = max(1, (total or 1000) // 10)
+    state = {"next": step, "logged": -1}
+
+    def log_line(n: int, report: IngestReport, done: bool = False) -> None:
+        due = report.documents_seen >= state["next"] or (done and state["logged"] != report.documents_seen)
+        if due:
+            log.info(
+                "ingest: %d/%s documents, %d passages written",
+                report.documents_seen,
+                total or "?",
+                report.passages_written,
+            )
+            state["next"] = report.documents_seen + step
+            state["logged"] = report.documents_seen
+
+    return log_line

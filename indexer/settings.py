@@ -1,0 +1,165 @@
+"""One typed settings object, loaded from a YAML file, then environment variables, then CLI flags.
+
+Later sources win. The YAML keys of the Stella performance guide are accepted as written there::
+
+    encoder:
+      batch_size: 16
+      max_length: 512
+      embedding_dimension: 1024
+      normalize_embeddings: true
+      prompt_type: s2p
+    processing:
+      device: auto
+      clear_cache_interval: 25
+      force_gc_interval: 50
+    embedding:
+      cache_embeddings: true
+      cache_dir: ./embeddings_cache
+
+Environment variables are ``STELLA_SEARCH_<SECTION>__<KEY>``, e.g. ``STELLA_SEARCH_ENCODER__BATCH_SIZE=32``.
+Unknown keys, in any source, are an error that names the key.
+
+>>> load_settings(cli={"encoder": {"model": "minilm"}}).encoder.model
+'minilm'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from storage.errors import InvalidInputError
+
+ENV_PREFIX = "STELLA_SEARCH_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EncoderSettings(_Section):
+    model: str = Field("stella-1.5b", description="profile (stella-1.5b, stella-400m, minilm) or a model folder")
+    batch_size: int = Field(16, ge=1, le=4096)
+    max_length: int = Field(512, ge=16, le=32768, description="tokens per passage, capped by the model's own")
+    embedding_dimension: int | None = Field(
+        None, ge=1, description="MRL dimension; None means the model's default head (1024 for Stella)"
+    )
+    normalize_embeddings: bool = True
+    prompt_type: Literal["s2p", "s2s"] = "s2p"
+
+
+class ProcessingSettings(_Section):
+    device: str = Field("auto", description="auto (cuda:0 when available, else cpu), cpu, cuda, cuda:N")
+    clear_cache_interval: int = Field(25, ge=0, description="empty the CUDA cache every N batches (0: never)")
+    force_gc_interval: int = Field(50, ge=0, description="run the garbage collector every N batches (0: never)")
+
+
+class EmbeddingSettings(_Section):
+    cache_embeddings: bool = Field(False, description="keep passage vectors in an on-disk cache keyed by text")
+    cache_dir: Path = Path(".stella-cache/embeddings")
+
+
+class IngestSettings(_Section):
+    chunk_overlap: int = Field(32, ge=0, description="tokens shared by consecutive passages of one document")
+    commit_documents: int = Field(256, ge=1, description="documents encoded and committed per transaction")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="when set, write endpoints need 'Authorization: Bearer KEY'")
+    read_api_key: str | None = Field(None, description="when set, search and reads need this key (or api_key)")
+    max_k: int = Field(1000, ge=1)
+    max_query_chars: int = Field(4096, ge=1)
+    max_batch_queries: int = Field(256, ge=1)
+    max_documents_per_request: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed")
+
+
+class Settings(_Section):
+    data_dir: Path = Path("data")
+    collection: str = "default"
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _from_env(environ: dict[str, str]) -> dict:
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        value: Any = raw
+        if raw.startswith("["):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                pass
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _describe_errors(exc: ValidationError, source: str) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        else:
+            problems.append(f"'{key}': {err['msg']}")
+    return f"invalid settings ({source}): " + "; ".join(problems)
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    cli: dict | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Settings from ``config_file`` (YAML), then ``STELLA_SEARCH_*`` variables, then ``cli`` overrides."""
+    merged: dict = {}
+    sources = []
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise InvalidInputError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise InvalidInputError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        merged = _merge(merged, loaded)
+        sources.append(str(path))
+    env = _from_env(dict(os.environ if environ is None else environ))
+    if env:
+        merged = _merge(merged, env)
+        sources.append(f"{ENV_PREFIX}* environment variables")
+    if cli:
+        merged = _merge(merged, cli)
+        sources.append("command-line flags")
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise InvalidInputError(_describe_errors(exc, ", ".join(sources) or "defaults")) from exc

@@ -1,0 +1,266 @@
+"""The ``stella-search`` command: a thin shell over the Python API (ingest, search, eval, info, serve).
+
+stella-search ingest corpus.jsonl --data-dir data --model minilm
+stella-search search "what is a vector index" --data-dir data -k 5
+stella-search eval ../shared/data/msmarco --model minilm
+stella-search info --data-dir data
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from indexer.settings import Settings, load_settings
+from storage.errors import StellaSearchError
+
+log = logging.getLogger("stella_search")
+
+
+def _settings(config: str | None, **flags) -> Settings:
+    cli: dict = {}
+    sections = {
+        "model": ("encoder", "model"),
+        "dim": ("encoder", "embedding_dimension"),
+        "batch_size": ("encoder", "batch_size"),
+        "prompt_type": ("encoder", "prompt_type"),
+        "device": ("processing", "device"),
+        "data_dir": (None, "data_dir"),
+        "collection": (None, "collection"),
+        "host": ("server", "host"),
+        "port": ("server", "port"),
+    }
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        section, key = sections[flag]
+        if section is None:
+            cli[key] = value
+        else:
+            cli.setdefault(section, {})[key] = value
+    return load_settings(config, cli=cli)
+
+
+class _Command(click.Group):
+    """Domain errors become one clear line on stderr and exit status 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except StellaSearchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+def _common(func):
+    options = [
+        click.option("--data-dir", type=click.Path(file_okay=False), help="directory holding the collections"),
+        click.option("--collection", help="collection name (default: 'default')"),
+        click.option("--config", type=click.Path(exists=True, dir_okay=False), help="YAML settings file"),
+        click.option("--model", help="stella-1.5b, stella-400m, minilm, or a model folder"),
+        click.option("--dim", type=int, help="MRL embedding dimension (default: the model's default head)"),
+        click.option("--batch-size", type=int, help="encoder batch size"),
+        click.option("--device", help="auto, cpu, cuda, cuda:N"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(cls=_Command)
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def main(verbose: bool) -> None:
+    """stella-search: a vector search index for Stella v5 embeddings (FAISS + SQLite)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("sentence_transformers", "transformers", "httpx", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@_common
+@click.option("--prompt-type", type=click.Choice(["s2p", "s2s"]), help="fixed when the collection is created")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def ingest(paths, config, as_json, **flags):
+    """Split, encode and index documents from JSONL (BEIR), CSV, .txt/.md files or folders."""
+    from indexer.pipeline import ingest_paths
+
+    settings = _settings(config, **flags)
+    report = ingest_paths(
+        [Path(p) for p in paths],
+        settings.data_dir,
+        settings.collection,
+        settings,
+        model=flags["model"],
+        dim=flags["dim"],
+    )
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        click.echo(
+            f"{report.documents_seen} documents read: {report.documents_added} added, "
+            f"{report.documents_replaced} replaced, {report.documents_unchanged} unchanged, "
+            f"{report.metadata_updated} metadata-only; {report.passages_written} passages written "
+            f"in {report.seconds:.1f}s; collection now {report.collection['documents']} documents, "
+            f"{report.collection['passages']} passages"
+        )
+
+
+@main.command()
+@click.argument("query")
+@_common
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--url", help="search through a running server instead of opening the collection")
+@click.option("--api-key", envvar="STELLA_SEARCH_API_KEY", help="bearer key for --url")
+@click.option("--json", "as_json", is_flag=True)
+def search(query, config, k, url, api_key, as_json, **flags):
+    """Search a collection and print the top passages."""
+    settings = _settings(config, **flags)
+    if url:
+        from search_api.client import SearchClient
+
+        with SearchClient(url, api_key=api_key) as client:
+            response = client.search(query, k=k, collection=settings.collection)
+        hits = [h.model_dump() for h in response.results]
+        took_ms = response.took_ms
+    else:
+        from indexer.pipeline import encoder_for_collection, open_collection
+
+        with open_collection(settings.data_dir, settings.collection) as collection:
+            encoder = encoder_for_collection(collection, settings, flags["model"])
+            started = time.perf_counter()
+            found = collection.search(encoder.encode_queries([query]), k)[0]
+            took_ms = (time.perf_counter() - started) * 1000
+        hits = [
+            {
+                "id": h.document_id,
+                "passage_id": h.passage_id,
+                "score": h.score,
+                "title": h.title,
+                "text": h.text,
+                "metadata": h.metadata,
+            }
+            for h in found
+        ]
+    if as_json:
+        click.echo(json.dumps({"results": hits, "took_ms": round(took_ms, 2)}, indent=2, ensure_ascii=False))
+        return
+    for rank, hit in enumerate(hits, start=1):
+        title = f" {hit['title']}" if hit["title"] else ""
+        snippet = " ".join(hit["text"].split())[:160]
+        click.echo(f"{rank:>3}. {hit['score']:.4f} [{hit['id']}]{title}\n     {snippet}")
+
+
+@main.command(name="eval")
+@click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
+@_common
+@click.option("-k", "k", type=click.IntRange(10, 1000), default=100, show_default=True, help="documents per query")
+@click.option("--url", help="search through a running server (the collection must already be ingested)")
+@click.option("--api-key", envvar="STELLA_SEARCH_API_KEY", help="bearer key for --url")
+@click.option("--json", "as_json", is_flag=True)
+def evaluate_command(dataset_dir, config, k, url, api_key, as_json, **flags):
+    """nDCG@10, recall@100 and MRR@10 on a BEIR dataset (ingesting its corpus first if needed)."""
+    from indexer.evaluation import BeirDataset, evaluate, run_queries
+
+    dataset = BeirDataset.load(Path(dataset_dir))
+    if flags["collection"] is None:
+        flags["collection"] = f"{dataset.name}-{_slug(flags['model'] or 'default')}"
+    settings = _settings(config, **flags)
+    started = time.perf_counter()
+    if url:
+        from search_api.client import SearchClient
+
+        with SearchClient(url, api_key=api_key) as client:
+
+            def search_fn(queries, k):
+                responses = client.search_batch(queries, k=k, collection=settings.collection, group_by="document")
+                return [[(h.id, h.score) for h in r.results] for r in responses]
+
+            run = run_queries(dataset, search_fn, k)
+    else:
+        from indexer.pipeline import ingest_documents, open_or_create_collection
+        from indexer.sources import read_documents
+
+        collection, encoder = open_or_create_collection(
+            settings.data_dir, settings.collection, settings, flags["model"], flags["dim"]
+        )
+        with collection:
+            if collection.count_documents() == 0:
+                log.info("collection %s is empty: ingesting %s", collection.name, dataset.corpus)
+                ingest_documents(collection, encoder, read_documents(dataset.corpus), settings)
+
+            def search_fn(queries, k):
+                return [
+                    [(h.document_id, h.score) for h in hits]
+                    for hits in collection.search_documents(encoder.encode_queries(queries), k)
+                ]
+
+            run = run_queries(dataset, search_fn, k)
+    scores = evaluate(dataset, run)
+    scores["collection"] = settings.collection
+    scores["seconds"] = round(time.perf_counter() - started, 2)
+    if as_json:
+        click.echo(json.dumps(scores, indent=2))
+    else:
+        click.echo(
+            f"{dataset.name} ({scores['queries']} queries, collection {settings.collection}): "
+            f"nDCG@10 {scores['ndcg@10']:.4f}  recall@100 {scores['recall@100']:.4f}  MRR@10 {scores['mrr@10']:.4f}"
+        )
+
+
+def _slug(model: str) -> str:
+    name = Path(model).name if os.sep in model else model
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:40]
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--collection", help="one collection (default: all under --data-dir)")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False))
+def info(data_dir, collection, config):
+    """Print the manifest and counts of the collections."""
+    from storage.collection import Collection, collection_dir, list_collections
+
+    settings = _settings(config, data_dir=data_dir)
+    names = [collection] if collection else list_collections(settings.data_dir)
+    out = []
+    for name in names:
+        with Collection.open(collection_dir(settings.data_dir, name)) as opened:
+            out.append(opened.info())
+    click.echo(json.dumps(out, indent=2))
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--host", help="bind address (default 127.0.0.1)")
+@click.option("--port", type=int, help="port (default 8000)")
+@click.option("--model", help="model to load when the data dir has no collection yet")
+@click.option("--device", help="auto, cpu, cuda, cuda:N")
+def serve(data_dir, config, host, port, model, device):
+    """Serve the collections under --data-dir over HTTP (FastAPI under uvicorn)."""
+    import uvicorn
+
+    from search_api.app import create_app
+
+    settings = _settings(config, data_dir=data_dir, host=host, port=port, model=model, device=device)
+    app = create_app(settings)
+    click.echo(
+        f"serving {settings.data_dir} on http://{settings.server.host}:{settings.server.port} (docs at /docs)",
+        err=True,
+    )
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,624 @@
+"""A collection: one directory holding a SQLite database (documents, passages, their vectors) and a FAISS index.
+
+SQLite is the source of truth. Each passage row carries its vector, written in the same transaction as the
+row, so an acknowledged write is durable the moment SQLite commits (WAL, ``synchronous=FULL``). The FAISS file
+is a checkpoint stamped with the last passage id and deletion sequence it contains; opening a collection loads
+the checkpoint, replays what SQLite has that is newer, and rebuilds from SQLite when the file is missing or
+fails its checksum. Passage ids come from ``AUTOINCREMENT`` and are never reused.
+
+>>> manifest = Manifest(model="minilm", model_id="sentence-transformers/all-MiniLM-L6-v2", revision="0.1.0",
+...                     dim=384, head="native", prompt_type="s2p", max_length=256)
+>>> collection = Collection.create(tmp_path / "default", manifest)
+>>> collection.write([Document("d1", "Title", "Some text.")], [Passage("d1", 0, "Some text.", 0, 10)], vectors)
+>>> collection.search(query_vectors, k=10)[0][0].document_id
+'d1'
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+
+from storage.errors import (
+    CollectionBusyError,
+    CorruptCollectionError,
+    InvalidInputError,
+    ModelMismatchError,
+    NotFoundError,
+)
+from storage.vector_index import INDEX_TYPE, Stamp, VectorIndex
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "collection.db"
+LOCK_FILE = "write.lock"
+SCHEMA_VERSION = 1
+STORAGE_VERSION = "0.1.0"
+_SQL_CHUNK = 900  # stay under SQLite's bound-parameter limit on old builds
+
+
+def content_hash(title: str | None, text: str) -> str:
+    """The hash that decides whether a document must be re-encoded (title and text are what gets encoded)."""
+    return hashlib.sha256(f"{title or ''}\x1f{text}".encode()).hexdigest()
+
+
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def collection_dir(data_dir: Path | str, name: str) -> Path:
+    """Where collection ``name`` lives under ``data_dir``; the name must be a safe directory name."""
+    if not COLLECTION_NAME.match(name or ""):
+        raise InvalidInputError(
+            f"invalid collection name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
+            "letter or digit"
+        )
+    return Path(data_dir) / name
+
+
+def list_collections(data_dir: Path | str) -> list[str]:
+    """Names of the collections under ``data_dir``."""
+    root = Path(data_dir)
+    return sorted(p.name for p in root.iterdir() if (p / DB_FILE).exists()) if root.is_dir() else []
+
+
+def _metadata_json(metadata: dict) -> str:
+    return json.dumps(metadata, sort_keys=True, ensure_ascii=False)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a collection's vectors are: which model, revision, head and dimension produced them, and how."""
+
+    model: str
+    model_id: str
+    revision: str | None
+    dim: int
+    head: str
+    prompt_type: str = "s2p"
+    max_length: int = 512
+    normalized: bool = True
+    index_type: str = INDEX_TYPE
+    created_by: str = f"stella-search {STORAGE_VERSION}"
+    created_at: str = field(default_factory=_now)
+    schema_version: int = SCHEMA_VERSION
+
+    def describe(self) -> str:
+        revision = f"@{self.revision}" if self.revision else ""
+        return f"model {self.model} ({self.model_id}{revision}), head {self.head}, dim {self.dim}"
+
+    def vectors_compatible_with(self, other: Manifest) -> bool:
+        """True when vectors from ``other`` may share this collection's index."""
+        return (self.model_id, self.revision, self.head, self.dim, self.normalized) == (
+            other.model_id,
+            other.revision,
+            other.head,
+            other.dim,
+            other.normalized,
+        )
+
+
+@dataclass
+class Document:
+    id: str
+    title: str | None
+    text: str
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class Passage:
+    """A slice ``text[start:end]`` of its document; ``ordinal`` orders the passages of one document."""
+
+    document_id: str
+    ordinal: int
+    text: str
+    start: int
+    end: int
+
+
+@dataclass
+class Hit:
+    passage_id: int
+    score: float
+    document_id: str
+    ordinal: int
+    text: str
+    start: int
+    end: int
+    title: str | None
+    metadata: dict
+
+
+@dataclass
+class WriteResult:
+    documents: int
+    passages_added: int
+    passages_removed: int
+
+
+class Collection:
+    """Documents, passages and vectors of one collection directory, searchable by vector.
+
+    Use ``Collection.create`` for a new directory and ``Collection.open`` for an existing one.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, use_gpu: bool | None = None):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # checkpoint() may run inside a write
+        self._use_gpu = use_gpu
+        self._index: VectorIndex
+        self._stamp: Stamp
+
+    # -- opening -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: Path | str, manifest: Manifest, use_gpu: bool | None = None) -> Collection:
+        """Create an empty collection directory; refuses a directory that already holds one."""
+        path = Path(path)
+        if (path / DB_FILE).exists():
+            raise InvalidInputError(f"a collection already exists at {path}; open it instead")
+        path.mkdir(parents=True, exist_ok=True)
+        collection = cls(path, manifest, use_gpu=use_gpu)
+        db = collection._db
+        with db.atomic():
+            db.execute(
+                """CREATE TABLE documents (
+                    id TEXT PRIMARY KEY, title TEXT, text TEXT NOT NULL, metadata TEXT NOT NULL,
+                    content_hash TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)"""
+            )
+            db.execute(
+                """CREATE TABLE passages (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+                    ordinal INTEGER NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL,
+                    vector BLOB NOT NULL)"""
+            )
+            db.execute("CREATE INDEX passages_by_document ON passages(document_id, ordinal)")
+            db.execute("CREATE TABLE deletions (seq INTEGER PRIMARY KEY AUTOINCREMENT, passage_id INTEGER NOT NULL)")
+            db["manifest"].insert(asdict(manifest))
+        collection._index = VectorIndex.empty(manifest.dim, use_gpu=use_gpu)
+        collection._stamp = Stamp(max_passage_id=0, deletion_seq=0, ntotal=0, dim=manifest.dim)
+        collection.checkpoint()
+        return collection
+
+    @classmethod
+    def open(cls, path: Path | str, use_gpu: bool | None = None) -> Collection:
+        """Open an existing collection, bringing its FAISS index up to date with SQLite."""
+        path = Path(path)
+        if not (path / DB_FILE).exists():
+            raise NotFoundError(f"no collection at {path} (no {DB_FILE}); create one by ingesting into it")
+        probe = cls(path, manifest=None, use_gpu=use_gpu)  # type: ignore[arg-type]
+        try:
+            rows = list(probe._db["manifest"].rows)
+        except sqlite3.DatabaseError as exc:
+            probe.close()
+            raise CorruptCollectionError(
+                f"{path / DB_FILE} cannot be read as a collection database ({exc}); it was left untouched. "
+                "Restore it from a snapshot or move it aside and re-ingest."
+            ) from exc
+        if len(rows) != 1:
+            probe.close()
+            raise CorruptCollectionError(f"{path / DB_FILE} has {len(rows)} manifest rows, expected 1")
+        known = {f.name for f in fields(Manifest)}
+        stored = {k: v for k, v in rows[0].items() if k in known}
+        probe.manifest = Manifest(**{**stored, "normalized": bool(stored["normalized"])})
+        probe._load_index()
+        return probe
+
+    @classmethod
+    def open_or_create(cls, path: Path | str, manifest: Manifest, use_gpu: bool | None = None) -> Collection:
+        """Open the collection at ``path`` if it exists (its vectors must be compatible), else create it."""
+        if (Path(path) / DB_FILE).exists():
+            collection = cls.open(path, use_gpu=use_gpu)
+            collection.require_compatible(manifest)
+            return collection
+        return cls.create(path, manifest, use_gpu=use_gpu)
+
+    def require_compatible(self, manifest: Manifest) -> None:
+        if not self.manifest.vectors_compatible_with(manifest):
+            raise ModelMismatchError(
+                f"collection {self.path.name} was built with {self.manifest.describe()}; "
+                f"refusing {manifest.describe()}. Vectors of different models or heads cannot share an index: "
+                "use the collection's own model, or ingest into a new collection."
+            )
+
+    def _load_index(self) -> None:
+        loaded = VectorIndex.load(self.path, self.manifest.dim, use_gpu=self._use_gpu)
+        if loaded is None:
+            self._rebuild_index()
+            return
+        self._index, self._stamp = loaded
+        self._replay()
+        if self._index.ntotal != self.count_passages():
+            log.warning(
+                "index of %s holds %d vectors but SQLite has %d passages; rebuilding from SQLite",
+                self.path,
+                self._index.ntotal,
+                self.count_passages(),
+            )
+            self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        started = time.perf_counter()
+        self._index = VectorIndex.empty(self.manifest.dim, use_gpu=self._use_gpu)
+        db = self._db
+        with db.atomic():  # one read snapshot for rows and stamp
+            max_id, max_seq = self._high_water_marks()
+            last = 0
+            while True:
+                rows = db.execute(
+                    "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id LIMIT 4096",
+                    [last, max_id],
+                ).fetchall()
+                if not rows:
+                    break
+                self._index.add(self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows]))
+                last = rows[-1][0]
+        self._stamp = Stamp(max_passage_id=max_id, deletion_seq=max_seq, ntotal=self._index.ntotal, dim=self.dim)
+        log.info(
+            "rebuilt index of %s from SQLite: %d vectors in %.2fs",
+            self.path,
+            self._index.ntotal,
+            time.perf_counter() - started,
+        )
+        self.checkpoint()
+
+    def _high_water_marks(self) -> tuple[int, int]:
+        seqs = dict(self._db.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
+        return int(seqs.get("passages", 0)), int(seqs.get("deletions", 0))
+
+    def _replay(self) -> None:
+        """Apply what SQLite has that the in-memory index does not: newer deletions, then newer passages."""
+        db = self._db
+        with db.atomic():
+            max_id, max_seq = self._high_water_marks()
+            if (max_id, max_seq) == (self._stamp.max_passage_id, self._stamp.deletion_seq):
+                return
+            deleted = [
+                r[0]
+                for r in db.execute(
+                    "SELECT passage_id FROM deletions WHERE seq > ? AND seq <= ?",
+                    [self._stamp.deletion_seq, max_seq],
+                )
+            ]
+            rows = db.execute(
+                "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id",
+                [self._stamp.max_passage_id, max_id],
+            ).fetchall()
+        self._index.remove(deleted)
+        if rows:
+            self._index.add(self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows]))
+        self._stamp = Stamp(max_passage_id=max_id, deletion_seq=max_seq, ntotal=self._index.ntotal, dim=self.dim)
+
+    def refresh(self) -> None:
+        """Catch up with writes made by another process since this one last looked."""
+        with self._write_lock:
+            self._replay()
+
+    def checkpoint(self) -> None:
+        """Write the FAISS index to disk, stamped with what it contains."""
+        with self._write_lock:
+            self._stamp = self._index.save(self.path, self._stamp)
+
+    # -- SQLite plumbing -------------------------------------------------------------------------------------
+
+    @property
+    def _db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path / DB_FILE, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            db = sqlite_utils.Database(conn)
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(conn)
+        return db
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _exclusive(self, timeout: float = 60.0) -> Iterator[None]:
+        """One writer per collection: a thread lock within the process, ``flock`` across processes."""
+        with self._write_lock:
+            with open(self.path / LOCK_FILE, "a") as lock_file:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise CollectionBusyError(
+                                f"collection {self.path.name} is being written by another process; "
+                                "try again when it has finished"
+                            ) from None
+                        time.sleep(0.05)
+                try:
+                    self._replay()
+                    yield
+                finally:
+                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
+        return np.frombuffer(b"".join(blobs), dtype="float32").reshape(len(blobs), self.dim)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def index_size(self) -> int:
+        return self._index.ntotal
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._index.on_gpu
+
+    def count_documents(self) -> int:
+        return self._db["documents"].count
+
+    def count_passages(self) -> int:
+        return self._db["passages"].count
+
+    def content_hashes(self, ids: Sequence[str]) -> dict[str, str]:
+        """Stored content hash of each of ``ids`` that exists."""
+        return {doc_id: state[0] for doc_id, state in self.document_states(ids).items()}
+
+    def document_states(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``{id: (content hash, metadata JSON)}`` of each of ``ids`` that exists: what decides re-ingest work."""
+        out: dict[str, tuple[str, str]] = {}
+        for i in range(0, len(ids), _SQL_CHUNK):
+            chunk = list(ids[i : i + _SQL_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            for doc_id, digest, metadata in self._db.execute(
+                f"SELECT id, content_hash, metadata FROM documents WHERE id IN ({marks})", chunk
+            ):
+                out[doc_id] = (digest, metadata)
+        return out
+
+    @staticmethod
+    def is_unchanged(doc: Document, state: tuple[str, str] | None) -> tuple[bool, bool]:
+        """(content unchanged, metadata unchanged) of ``doc`` against its stored state."""
+        if state is None:
+            return False, False
+        return state[0] == content_hash(doc.title, doc.text), state[1] == _metadata_json(doc.metadata)
+
+    def get(self, document_id: str) -> tuple[Document, list[Passage]]:
+        """A document and its passages, in order."""
+        rows = list(self._db["documents"].rows_where("id = ?", [document_id]))
+        if not rows:
+            raise NotFoundError(f"no document with id {document_id!r} in collection {self.name}")
+        row = rows[0]
+        passages = [
+            Passage(document_id, r["ordinal"], r["text"], r["start"], r["end"])
+            for r in self._db["passages"].rows_where(
+                "document_id = ?", [document_id], order_by="ordinal", select='ordinal, text, start, "end"'
+            )
+        ]
+        return Document(row["id"], row["title"], row["text"], json.loads(row["metadata"])), passages
+
+    def search(self, query_vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Top-k passages per query vector, best first."""
+        query_vectors = self._check_vectors(np.atleast_2d(query_vectors), "query vectors")
+        scores, ids = self._index.search(query_vectors, k)
+        rows = self._passage_rows({int(i) for i in ids.ravel() if i >= 0})
+        return [
+            [self._hit(rows[int(i)], float(s)) for s, i in zip(qs, qi) if i >= 0 and int(i) in rows]
+            for qs, qi in zip(scores, ids)
+        ]
+
+    def search_documents(self, query_vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Top-k documents per query, each represented by its best passage (max-passage scoring).
+
+        Fetches passages in growing rounds until k distinct documents are found or the index is exhausted,
+        so the result is exact for an exact index.
+        """
+        query_vectors = self._check_vectors(np.atleast_2d(query_vectors), "query vectors")
+        results: list[list[Hit]] = []
+        for query in query_vectors:
+            fetch = max(k * 2, 20)
+            while True:
+                hits = self.search(query[None, :], fetch)[0]
+                best: dict[str, Hit] = {}
+                for hit in hits:
+                    best.setdefault(hit.document_id, hit)
+                if len(best) >= k or fetch >= self._index.ntotal:
+                    break
+                fetch *= 4
+            results.append(list(best.values())[:k])
+        return results
+
+    def _passage_rows(self, ids: set[int]) -> dict[int, dict]:
+        rows: dict[int, dict] = {}
+        id_list = sorted(ids)
+        for i in range(0, len(id_list), _SQL_CHUNK):
+            chunk = id_list[i : i + _SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.query(
+                f"""SELECT p.id, p.document_id, p.ordinal, p.text, p.start, p."end", d.title, d.metadata
+                    FROM passages p JOIN documents d ON d.id = p.document_id WHERE p.id IN ({marks})""",
+                chunk,
+            ):
+                rows[row["id"]] = row
+        return rows
+
+    @staticmethod
+    def _hit(row: dict, score: float) -> Hit:
+        return Hit(
+            passage_id=row["id"],
+            score=score,
+            document_id=row["document_id"],
+            ordinal=row["ordinal"],
+            text=row["text"],
+            start=row["start"],
+            end=row["end"],
+            title=row["title"],
+            metadata=json.loads(row["metadata"]),
+        )
+
+    def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ModelMismatchError(
+                f"{what} have shape {vectors.shape}, but collection {self.name} holds {self.dim}-dim vectors "
+                f"({self.manifest.describe()})"
+            )
+        if not np.isfinite(vectors).all():
+            raise InvalidInputError(f"{what} contain NaN or infinite values")
+        return np.ascontiguousarray(vectors, dtype="float32")
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def write(self, documents: Sequence[Document], passages: Sequence[Passage], vectors: np.ndarray) -> WriteResult:
+        """Upsert ``documents`` in one transaction.
+
+        A document with passages in ``passages`` gets exactly those (its old ones are removed); a document
+        with none must already exist with the same title and text, and only its metadata is updated.
+        ``vectors[i]`` is the vector of ``passages[i]``. Either everything is written or nothing is.
+        """
+        ids = [d.id for d in documents]
+        if len(set(ids)) != len(ids):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            raise InvalidInputError(f"document ids must be unique within one write; repeated: {dupes[:5]}")
+        vectors = np.asarray(vectors, dtype="float32").reshape(len(passages), -1) if len(passages) else vectors
+        if len(passages):
+            vectors = self._check_vectors(vectors, "passage vectors")
+        with_passages = {p.document_id for p in passages}
+        if unknown := with_passages - set(ids):
+            raise InvalidInputError(f"passages refer to documents not in this write: {sorted(unknown)[:5]}")
+        metadata_json = {}
+        for doc in documents:
+            if not isinstance(doc.metadata, dict):
+                raise InvalidInputError(
+                    f"document {doc.id!r}: metadata must be an object, not {type(doc.metadata).__name__}"
+                )
+            try:
+                metadata_json[doc.id] = _metadata_json(doc.metadata)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"document {doc.id!r}: metadata is not JSON-serialisable ({exc})") from None
+        now = _now()
+        with self._exclusive():
+            db = self._db
+            stored = self.content_hashes(ids)
+            for doc in documents:
+                if doc.id not in with_passages and stored.get(doc.id) != content_hash(doc.title, doc.text):
+                    raise InvalidInputError(f"document {doc.id!r} has new content but no passages to index")
+            removed: list[int] = []
+            new_ids: list[int] = []
+            with db.atomic():
+                replaced = [i for i in ids if i in with_passages and i in stored]
+                for i in range(0, len(replaced), _SQL_CHUNK):
+                    chunk = replaced[i : i + _SQL_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    removed += [
+                        r[0] for r in db.execute(f"SELECT id FROM passages WHERE document_id IN ({marks})", chunk)
+                    ]
+                    db.execute(f"DELETE FROM passages WHERE document_id IN ({marks})", chunk)
+                db.conn.executemany("INSERT INTO deletions (passage_id) VALUES (?)", [(p,) for p in removed])
+                db.conn.executemany(
+                    """INSERT INTO documents (id, title, text, metadata, content_hash, created_at, updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT(id) DO UPDATE SET title = excluded.title, text = excluded.text,
+                         metadata = excluded.metadata, content_hash = excluded.content_hash,
+                         updated_at = excluded.updated_at""",
+                    [
+                        (d.id, d.title, d.text, metadata_json[d.id], content_hash(d.title, d.text), now, now)
+                        for d in documents
+                    ],
+                )
+                for passage, vector in zip(passages, vectors):
+                    cursor = db.conn.execute(
+                        'INSERT INTO passages (document_id, ordinal, text, start, "end", vector) '
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            passage.document_id,
+                            passage.ordinal,
+                            passage.text,
+                            passage.start,
+                            passage.end,
+                            vector.tobytes(),
+                        ),
+                    )
+                    new_ids.append(cursor.lastrowid)
+                max_id, max_seq = self._high_water_marks()
+            self._apply(removed, vectors, new_ids, max_id, max_seq)
+        return WriteResult(len(documents), len(new_ids), len(removed))
+
+    def delete(self, document_ids: Sequence[str]) -> int:
+        """Delete documents and their passages; returns how many documents existed."""
+        document_ids = list(dict.fromkeys(document_ids))
+        with self._exclusive():
+            db = self._db
+            existing = list(self.content_hashes(document_ids))
+            removed: list[int] = []
+            with db.atomic():
+                for i in range(0, len(existing), _SQL_CHUNK):
+                    chunk = existing[i : i + _SQL_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    removed += [
+                        r[0] for r in db.execute(f"SELECT id FROM passages WHERE document_id IN ({marks})", chunk)
+                    ]
+                    db.execute(f"DELETE FROM passages WHERE document_id IN ({marks})", chunk)
+                    db.execute(f"DELETE FROM documents WHERE id IN ({marks})", chunk)
+                db.conn.executemany("INSERT INTO deletions (passage_id) VALUES (?)", [(p,) for p in removed])
+                max_id, max_seq = self._high_water_marks()
+            self._apply(removed, np.empty((0, self.dim), dtype="float32"), [], max_id, max_seq)
+        return len(existing)
+
+    def _apply(self, removed: list[int], vectors: np.ndarray, new_ids: list[int], max_id: int, max_seq: int):
+        """Mirror a committed SQLite transaction into the in-memory index."""
+        self._index.remove(removed)
+        self._index.add(vectors, np.array(new_ids, dtype="int64"))
+        self._stamp = Stamp(max_passage_id=max_id, deletion_seq=max_seq, ntotal=self._index.ntotal, dim=self.dim)
+
+    def info(self) -> dict:
+        """Manifest and counts, as shown by ``stella-search info``."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            **asdict(self.manifest),
+            "documents": self.count_documents(),
+            "passages": self.count_passages(),
+            "index_vectors": self.index_size,
+            "index_on_gpu": self.on_gpu,
+        }

@@ -1,0 +1,51 @@
+"""The domain exceptions of stella-search, in one place.
+
+Every layer raises these; the HTTP layer maps each class to one status code and the CLI prints the message.
+Messages say what to change, e.g. ``InvalidInputError("corpus.jsonl line 3: not JSON (...)")``.
+"""
+
+from __future__ import annotations
+
+
+class StellaSearchError(Exception):
+    """Base class: the message is written for the person who has to act on it."""
+
+
+class InvalidInputError(StellaSearchError, ValueError):
+    """A request, file or option that cannot be accepted as given (HTTP 400/422)."""
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """A request body or batch over the configured limits (HTTP 413)."""
+
+
+class NotFoundError(StellaSearchError, LookupError):
+    """An unknown collection or document (HTTP 404)."""
+
+
+class ConflictError(StellaSearchError):
+    """The request conflicts with what exists, e.g. creating a collection that already exists (HTTP 409)."""
+
+
+class ModelMismatchError(ConflictError):
+    """A collection opened or written with another model, head or dimension than it was built with (HTTP 409)."""
+
+
+class ModelUnavailableError(StellaSearchError):
+    """Model weights that cannot be loaded here, e.g. Stella offline with nothing cached (HTTP 503)."""
+
+
+class ModelLoadingError(ModelUnavailableError):
+    """The model is still loading; retry shortly (HTTP 503 with Retry-After)."""
+
+
+class CollectionBusyError(ConflictError):
+    """Another process holds the collection's write lock (HTTP 409)."""
+
+
+class CorruptCollectionError(StellaSearchError):
+    """A collection's SQLite file cannot be read; it is left untouched for the operator (HTTP 500)."""
+
+
+class FaissNotInstalledError(StellaSearchError, ImportError):
+    """Neither faiss-cpu nor faiss-gpu is importable."""

@@ -1,0 +1,180 @@
+"""The FAISS side of a collection: an id-mapped exact inner-product index, its checkpoint file, its GPU copy.
+
+FAISS ids are the SQLite passage ids, so a search hit maps straight back to its row.
+The checkpoint is ``index.faiss`` plus ``index.json`` (the stamp): the last passage id and deletion sequence
+the file contains, and the file's sha256. Both are written atomically (temp file, fsync, rename).
+
+>>> index = VectorIndex.empty(dim=384)
+>>> index.add(np.eye(2, 384, dtype="float32"), np.array([7, 9]))
+>>> index.search(np.eye(1, 384, dtype="float32"), k=1)[1].tolist()
+[[7]]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from storage.errors import FaissNotInstalledError
+
+log = logging.getLogger(__name__)
+
+INDEX_TYPE = "IDMap2,Flat"
+
+
+def import_faiss():
+    """Import faiss, or say which extra installs it."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise FaissNotInstalledError(
+            "faiss is not installed: install exactly one of `pip install 'stella-search[cpu]'` (faiss-cpu) "
+            "or `pip install 'stella-search[gpu]'` (faiss-gpu); they provide the same module and must not be "
+            "installed together."
+        ) from exc
+    return faiss
+
+
+def gpu_count() -> int:
+    """Number of GPUs this faiss build can use (0 for faiss-cpu)."""
+    faiss = import_faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What a checkpoint file contains: every passage id <= max_passage_id and every deletion <= deletion_seq."""
+
+    max_passage_id: int
+    deletion_seq: int
+    ntotal: int
+    dim: int
+    sha256: str = ""
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class VectorIndex:
+    """An ``IndexIDMap2`` over ``IndexFlatIP``, kept on the CPU, with a GPU copy for search when a GPU exists.
+
+    Thread-safe: mutations and searches are serialised by one lock (FAISS indexes are not safe to mutate while
+    searched). The GPU copy is re-made lazily after a change, because GPU flat indexes cannot remove ids.
+    """
+
+    def __init__(self, cpu_index, use_gpu: bool | None = None):
+        self._cpu = cpu_index
+        self._lock = threading.Lock()
+        self._use_gpu = gpu_count() > 0 if use_gpu is None else use_gpu
+        self._gpu = None
+        self._gpu_resources = None
+
+    @classmethod
+    def empty(cls, dim: int, use_gpu: bool | None = None) -> VectorIndex:
+        faiss = import_faiss()
+        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), use_gpu=use_gpu)
+
+    @property
+    def dim(self) -> int:
+        return self._cpu.d
+
+    @property
+    def ntotal(self) -> int:
+        return self._cpu.ntotal
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._use_gpu
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        with self._lock:
+            self._cpu.add_with_ids(np.ascontiguousarray(vectors, dtype="float32"), np.asarray(ids, dtype="int64"))
+            self._gpu = None
+
+    def remove(self, ids) -> int:
+        ids = np.asarray(list(ids), dtype="int64")
+        if len(ids) == 0:
+            return 0
+        faiss = import_faiss()
+        with self._lock:
+            removed = self._cpu.remove_ids(faiss.IDSelectorBatch(ids))
+            self._gpu = None
+        return removed
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by inner product: (scores, ids), ids -1 where fewer than k vectors exist."""
+        queries = np.ascontiguousarray(queries, dtype="float32")
+        with self._lock:
+            k = max(1, min(k, self._cpu.ntotal)) if self._cpu.ntotal else 1
+            if self._cpu.ntotal == 0:
+                n = len(queries)
+                return np.full((n, k), -np.inf, dtype="float32"), np.full((n, k), -1, dtype="int64")
+            return self._searcher().search(queries, k)
+
+    def _searcher(self):
+        if not self._use_gpu:
+            return self._cpu
+        if self._gpu is None:
+            faiss = import_faiss()
+            if self._gpu_resources is None:
+                self._gpu_resources = faiss.StandardGpuResources()
+            self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._cpu)
+        return self._gpu
+
+    def reconstruct(self, passage_id: int) -> np.ndarray:
+        with self._lock:
+            return self._cpu.reconstruct(int(passage_id))
+
+    def save(self, directory: Path, stamp: Stamp) -> Stamp:
+        """Write ``index.faiss`` then ``index.json`` atomically; returns the stamp with the file's sha256."""
+        faiss = import_faiss()
+        with self._lock:
+            data = faiss.serialize_index(self._cpu).tobytes()
+        stamp = Stamp(**{**asdict(stamp), "sha256": hashlib.sha256(data).hexdigest()})
+        _write_atomically(directory / "index.faiss", data)
+        _write_atomically(directory / "index.json", json.dumps(asdict(stamp), indent=2).encode())
+        return stamp
+
+    @classmethod
+    def load(cls, directory: Path, dim: int, use_gpu: bool | None = None) -> tuple[VectorIndex, Stamp] | None:
+        """The checkpoint in ``directory``, or None (with a log line) when it is missing, damaged or foreign."""
+        index_path, stamp_path = directory / "index.faiss", directory / "index.json"
+        if not index_path.exists() or not stamp_path.exists():
+            if index_path.exists() or stamp_path.exists():
+                log.warning("index checkpoint in %s is incomplete; rebuilding from SQLite", directory)
+            return None
+        try:
+            stamp = Stamp(**json.loads(stamp_path.read_text()))
+            data = index_path.read_bytes()
+        except (ValueError, TypeError, OSError) as exc:
+            log.warning("index stamp %s is unreadable (%s); rebuilding from SQLite", stamp_path, exc)
+            return None
+        if hashlib.sha256(data).hexdigest() != stamp.sha256:
+            log.warning("index file %s fails its checksum; rebuilding from SQLite", index_path)
+            return None
+        faiss = import_faiss()
+        cpu_index = faiss.deserialize_index(np.frombuffer(data, dtype="uint8"))
+        if cpu_index.d != dim or cpu_index.ntotal != stamp.ntotal:
+            log.warning("index file %s does not match its stamp or the manifest; rebuilding from SQLite", index_path)
+            return None
+        return cls(cpu_index, use_gpu=use_gpu), stamp

@@ -1,0 +1,61 @@
+"""Shared fixtures: the real embedded MiniLM model, a tiny Stella-shaped model built on the fly, real data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def cpu_settings(**encoder):
+    from indexer.settings import load_settings
+
+    return load_settings(cli={"processing": {"device": "cpu"}, "encoder": {"model": "minilm", **encoder}}, environ={})
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from indexer.encoder import Encoder
+
+    return Encoder.load("minilm", cpu_settings())
+
+
+@pytest.fixture(scope="session")
+def tiny_stella(tmp_path_factory) -> Path:
+    from stella_shaped import build_stella_shaped
+
+    return build_stella_shaped(tmp_path_factory.mktemp("models") / "tiny-stella")
+
+
+@pytest.fixture
+def settings():
+    return cpu_settings()
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    import json
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            out.append(json.loads(line))
+            if limit and len(out) >= limit:
+                break
+    return out

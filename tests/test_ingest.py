@@ -1,0 +1,210 @@
+"""Ingest: chunking, idempotent re-ingest, replacement, restart, and bad input rejected whole."""
+
+import hashlib
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from indexer.chunking import Chunker
+from indexer.pipeline import ingest_documents
+from indexer.sources import check_sources, read_documents
+from search_api.cli import main
+from storage.collection import Collection, Document
+
+from conftest import SHARED_DATA, read_jsonl, write_jsonl
+
+DOCS = [
+    {"_id": "d1", "title": "Paris", "text": "Paris is the capital and largest city of France.", "lang": "en"},
+    {"_id": "d2", "title": "", "text": "The mitochondrion is the powerhouse of the cell.", "year": 2020},
+    {"_id": "d3", "title": "Rust", "text": "Rust is a systems programming language focused on safety."},
+]
+
+
+@pytest.fixture
+def fresh(tmp_path, minilm, settings):
+    collection = Collection.create(tmp_path / "data" / "default", minilm.manifest())
+    yield collection
+    collection.close()
+
+
+def ingest(collection, encoder, settings, records):
+    return ingest_documents(collection, encoder, [_doc(r) for r in records], settings)
+
+
+def _doc(record):
+    return Document(
+        record["_id"],
+        record.get("title") or None,
+        record["text"],
+        {k: v for k, v in record.items() if k not in ("_id", "title", "text")},
+    )
+
+
+def test_ingest_then_search_finds_the_document(fresh, minilm, settings):
+    report = ingest(fresh, minilm, settings, DOCS)
+    assert (report.documents_added, report.passages_written) == (3, 3)
+    hit = fresh.search(minilm.encode_queries(["what is the capital of France"]), k=1)[0][0]
+    assert (hit.document_id, hit.title, hit.metadata) == ("d1", "Paris", {"lang": "en"})
+
+
+def test_reingesting_the_same_documents_adds_and_encodes_nothing(fresh, minilm, settings):
+    ingest(fresh, minilm, settings, DOCS)
+    encoded_before = minilm.stats.texts
+    report = ingest(fresh, minilm, settings, DOCS)
+    assert report.documents_unchanged == 3
+    assert (report.documents_added, report.passages_written, report.passages_removed) == (0, 0, 0)
+    assert minilm.stats.texts == encoded_before
+    assert fresh.count_passages() == fresh.index_size == 3
+
+
+def test_a_changed_document_replaces_its_passages(fresh, minilm, settings):
+    ingest(fresh, minilm, settings, DOCS)
+    changed = [dict(DOCS[0], text="Lyon is a city in France known for its cuisine."), *DOCS[1:]]
+    report = ingest(fresh, minilm, settings, changed)
+    assert (report.documents_replaced, report.documents_unchanged, report.passages_written) == (1, 2, 1)
+    document, passages = fresh.get("d1")
+    assert document.text.startswith("Lyon") and [p.text for p in passages] == [document.text]
+    assert fresh.count_passages() == fresh.index_size == 3
+    hit = fresh.search(minilm.encode_queries(["French cuisine city"]), k=1)[0][0]
+    assert hit.text.startswith("Lyon")
+
+
+def test_a_metadata_change_updates_the_row_without_encoding(fresh, minilm, settings):
+    ingest(fresh, minilm, settings, DOCS)
+    encoded_before = minilm.stats.texts
+    report = ingest(fresh, minilm, settings, [dict(DOCS[0], lang="fr"), *DOCS[1:]])
+    assert (report.metadata_updated, report.passages_written) == (1, 0)
+    assert minilm.stats.texts == encoded_before
+    assert fresh.get("d1")[0].metadata == {"lang": "fr"}
+
+
+def test_a_restart_finds_the_collection_intact(tmp_path, minilm, settings):
+    path = tmp_path / "data" / "default"
+    with Collection.create(path, minilm.manifest()) as collection:
+        ingest(collection, minilm, settings, DOCS)
+        query = minilm.encode_queries(["powerhouse of the cell"])
+        before = [(h.passage_id, h.document_id, round(h.score, 5)) for h in collection.search(query, k=3)[0]]
+    with Collection.open(path) as reopened:
+        after = [(h.passage_id, h.document_id, round(h.score, 5)) for h in reopened.search(query, k=3)[0]]
+        assert (reopened.count_documents(), reopened.count_passages(), reopened.index_size) == (3, 3, 3)
+    assert after == before
+
+
+def test_long_documents_split_into_overlapping_token_windows(minilm):
+    text = " ".join(f"Sentence number {i} talks about vector search and indexes." for i in range(80))
+    chunker = Chunker(minilm.tokenizer, minilm.max_seq_length, overlap=32)
+    passages = chunker.split(Document("long", "A title", text))
+    assert len(passages) >= 3
+    tokens = [len(minilm.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in passages]
+    title_tokens = len(minilm.tokenizer("A title ", add_special_tokens=False)["input_ids"])
+    assert max(tokens) + title_tokens + 2 <= minilm.max_seq_length  # nothing is truncated by the model
+    for first, second in zip(passages, passages[1:]):
+        assert second.start < first.end  # overlap
+    assert passages[0].start == 0 and passages[-1].end == len(text.rstrip())
+    assert all(text[p.start : p.end] == p.text for p in passages)
+
+
+def test_sources_keep_every_other_field_as_metadata(tmp_path):
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"id": 7, "title": "T", "text": "body", "year": 2021, "metadata": {"source": "x"}}],
+    )
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text("id,title,text,lang\na,Alpha,first text,en\n", encoding="utf-8")
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "one.md").write_text("# Notes\nsome markdown", encoding="utf-8")
+    (folder / "two.txt").write_text("plain text", encoding="utf-8")
+    (jsonl,) = read_documents(path)
+    assert (jsonl.id, jsonl.title, jsonl.metadata) == ("7", "T", {"year": 2021, "source": "x"})
+    (row,) = read_documents(csv_path)
+    assert (row.id, row.title, row.text, row.metadata) == ("a", "Alpha", "first text", {"lang": "en"})
+    assert [d.id for d in read_documents(folder)] == ["sub/one.md", "two.txt"]
+    assert check_sources([path, csv_path, folder]) == 4
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+BAD_INPUTS = {
+    "empty file": (b"", r"empty.jsonl: no documents found"),
+    "not JSON": (
+        b'{"_id": "a", "text": "fine"}\n{"_id": "b", "text": oops}\n',
+        r"bad.jsonl line 2: not JSON",
+    ),
+    "no text": (
+        b'{"_id": "a", "text": "fine"}\n{"_id": "b"}\n{"_id": "c", "text": "x"}\n',
+        r"bad.jsonl line 2: document 'b' has no text",
+    ),
+    "blank text": (b'{"_id": "a", "text": "   "}\n', r"bad.jsonl line 1: document 'a' has no text"),
+    "no id": (b'{"text": "orphan"}\n', r"bad.jsonl line 1: record has no id"),
+    "not UTF-8": (
+        b'{"_id": "a", "text": "fine"}\n{"_id": "b", "text": "caf\xe9"}\n',
+        r"bad.jsonl line 2: not valid UTF-8 \(byte 0xe9",
+    ),
+    "duplicate id": (b'{"_id": "a", "text": "one"}\n{"_id": "a", "text": "two"}\n', r"'a' appears twice"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_rejected_whole_and_nothing_stored_changes(tmp_path, case):
+    data_dir = tmp_path / "data"
+    good = write_jsonl(tmp_path / "good.jsonl", DOCS)
+    runner = CliRunner()
+    first = runner.invoke(main, ["ingest", str(good), "--data-dir", str(data_dir), "--model", "minilm"])
+    assert first.exit_code == 0, first.output
+    db = data_dir / "default" / "collection.db"
+    before = _sha(db)
+    content, message = BAD_INPUTS[case]
+    bad = tmp_path / ("empty.jsonl" if case == "empty file" else "bad.jsonl")
+    bad.write_bytes(content)
+    result = runner.invoke(main, ["ingest", str(good), str(bad), "--data-dir", str(data_dir), "--model", "minilm"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+
+    assert re.search(message, result.output), result.output
+    assert _sha(db) == before
+
+
+@pytest.mark.parametrize(
+    "args, into_existing, into_new",
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'", "unknown model 'no-such-model'"),
+        (["--model", "minilm", "--dim", "1024"], "refusing dim 1024", "--dim 1024 is not available"),
+        (["--model", "minilm", "--dim", "128"], "refusing dim 128", None),
+    ],
+)
+def test_bad_options_are_clear_errors_and_change_nothing(tmp_path, args, into_existing, into_new):
+    data_dir = tmp_path / "data"
+    good = write_jsonl(tmp_path / "good.jsonl", DOCS)
+    runner = CliRunner()
+    assert runner.invoke(main, ["ingest", str(good), "--data-dir", str(data_dir), "--model", "minilm"]).exit_code == 0
+    db = data_dir / "default" / "collection.db"
+    before = _sha(db)
+    result = runner.invoke(main, ["ingest", str(good), "--data-dir", str(data_dir), *args])
+    assert result.exit_code == 2 and into_existing in result.output, result.output
+    assert _sha(db) == before
+    if into_new:
+        result = runner.invoke(main, ["ingest", str(good), "--data-dir", str(tmp_path / "new"), *args])
+        assert result.exit_code == 2 and into_new in result.output, result.output
+        assert not (tmp_path / "new" / "default").exists()
+
+
+def test_cli_ingest_search_info_round_trip(tmp_path):
+    data_dir = tmp_path / "data"
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=60))
+    runner = CliRunner()
+    result = runner.invoke(main, ["ingest", str(corpus), "--data-dir", str(data_dir), "--model", "minilm", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["documents_added"] == 60 and report["collection"]["documents"] == 60
+    result = runner.invoke(
+        main, ["search", "fictional airline in Lost", "--data-dir", str(data_dir), "-k", "3", "--json"]
+    )
+    hits = json.loads(result.output[result.output.index("{") :])["results"]
+    assert hits[0]["id"] == "<dbpedia:Oceanic_Airlines>" and hits[0]["title"] == "Oceanic Airlines"
+    info = json.loads(runner.invoke(main, ["info", "--data-dir", str(data_dir)]).output)
+    assert info[0]["documents"] == 60 and info[0]["model"] == "minilm" and info[0]["dim"] == 384

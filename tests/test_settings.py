@@ -1,0 +1,73 @@
+"""Settings: YAML, then environment, then CLI flags; the Stella guide's YAML is accepted as written."""
+
+import pytest
+
+from indexer.settings import load_settings
+from storage.errors import InvalidInputError
+
+GUIDE_YAML = """
+encoder:
+  batch_size: 16
+  max_length: 512
+  embedding_dimension: 1024
+  normalize_embeddings: true
+  prompt_type: s2p
+processing:
+  device: auto
+  clear_cache_interval: 25
+  force_gc_interval: 50
+embedding:
+  cache_embeddings: true
+  cache_dir: ./embeddings_cache
+"""
+
+
+def test_guide_yaml_is_accepted_as_written(tmp_path):
+    config = tmp_path / "stella.yaml"
+    config.write_text(GUIDE_YAML)
+    settings = load_settings(config, environ={})
+    assert settings.encoder.batch_size == 16
+    assert settings.encoder.embedding_dimension == 1024
+    assert settings.processing.clear_cache_interval == 25
+    assert settings.embedding.cache_embeddings is True
+    assert str(settings.embedding.cache_dir) == "embeddings_cache"
+
+
+def test_defaults_follow_the_guide():
+    settings = load_settings(environ={})
+    assert settings.encoder.model == "stella-1.5b"
+    assert (settings.encoder.batch_size, settings.encoder.max_length) == (16, 512)
+    assert settings.encoder.prompt_type == "s2p"
+    assert settings.processing.device == "auto"
+
+
+def test_precedence_yaml_then_env_then_cli(tmp_path):
+    config = tmp_path / "s.yaml"
+    config.write_text("encoder:\n  batch_size: 8\n  max_length: 128\nprocessing:\n  device: cpu\n")
+    env = {"STELLA_SEARCH_ENCODER__BATCH_SIZE": "32", "STELLA_SEARCH_ENCODER__MAX_LENGTH": "256"}
+    settings = load_settings(config, cli={"encoder": {"batch_size": 64}}, environ=env)
+    assert settings.encoder.batch_size == 64  # CLI beats env
+    assert settings.encoder.max_length == 256  # env beats YAML
+    assert settings.processing.device == "cpu"  # YAML beats default
+
+
+@pytest.mark.parametrize(
+    "source, key",
+    [
+        ({"yaml": "encoder:\n  batch_sise: 4\n"}, "encoder.batch_sise"),
+        ({"yaml": "encoders:\n  batch_size: 4\n"}, "encoders"),
+        ({"env": {"STELLA_SEARCH_PROCESSING__DEVICES": "cpu"}}, "processing.devices"),
+    ],
+)
+def test_unknown_keys_are_named(tmp_path, source, key):
+    config = None
+    if "yaml" in source:
+        config = tmp_path / "s.yaml"
+        config.write_text(source["yaml"])
+    with pytest.raises(InvalidInputError, match=f"unknown key '{key}'"):
+        load_settings(config, environ=source.get("env", {}))
+
+
+def test_bad_values_name_the_key():
+    with pytest.raises(InvalidInputError, match="encoder.prompt_type"):
+        load_settings(cli={"encoder": {"prompt_type": "p2p"}}, environ={})

@@ -1,0 +1,146 @@
+"""The Stella code path, on a tiny Stella-shaped model built by the tests (random Qwen2 weights, real layout).
+
+Each expectation is computed independently with plain transformers + the head's safetensors, so the test
+shows the encoder picks the right MRL head, puts prompts on queries only, and normalises.
+"""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+from indexer.encoder import Encoder
+from indexer.models import available_heads, default_head
+from storage.errors import InvalidInputError, ModelUnavailableError
+
+from conftest import cpu_settings
+from stella_shaped import S2P_QUERY, S2S_QUERY
+
+
+def reference(folder, text: str, head: int, keep: int | None = None) -> np.ndarray:
+    """mean-pool(Qwen2(text)) -> 2_Dense_{head} -> [:keep] -> L2-normalise, without sentence-transformers."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    batch = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    weights = load_file(str(folder / f"2_Dense_{head}" / "model.safetensors"))
+    projected = pooled @ weights["linear.weight"].T + weights["linear.bias"]
+    if keep:
+        projected = projected[:, :keep]
+    return torch.nn.functional.normalize(projected, dim=1).numpy()[0]
+
+
+def load(folder, dim=None, **encoder):
+    return Encoder.load(str(folder), cpu_settings(**encoder), dim=dim)
+
+
+def test_the_folder_looks_like_stella(tiny_stella):
+    assert available_heads(tiny_stella) == {256: "2_Dense_256", 768: "2_Dense_768", 1024: "2_Dense_1024"}
+    assert default_head(tiny_stella) == "2_Dense_1024"
+
+
+@pytest.mark.parametrize("dim", [256, 768, 1024])
+def test_each_dim_uses_its_own_head(tiny_stella, dim):
+    encoder = load(tiny_stella, dim=dim)
+    passage = "FAISS searches dense vectors."
+    vector = encoder.encode_passages([passage])[0]
+    assert encoder.head.label == f"2_Dense_{dim}"
+    assert vector.shape == (dim,)
+    np.testing.assert_allclose(vector, reference(tiny_stella, passage, dim), atol=1e-5)
+
+
+def test_default_dim_is_the_head_modules_json_wires(tiny_stella):
+    encoder = load(tiny_stella)
+    assert (encoder.dim, encoder.head.label) == (1024, "2_Dense_1024")
+
+
+def test_a_smaller_head_is_not_a_prefix_of_a_larger_one(tiny_stella):
+    text = "Matryoshka heads are separate layers."
+    own_head = reference(tiny_stella, text, 256)
+    prefix_of_1024 = reference(tiny_stella, text, 1024, keep=256)
+    assert np.abs(own_head - prefix_of_1024).max() > 1e-2
+
+
+def test_dim_without_a_head_truncates_the_next_larger_head(tiny_stella):
+    encoder = load(tiny_stella, dim=512)
+    text = "Five hundred and twelve dimensions."
+    vector = encoder.encode_passages([text])[0]
+    assert encoder.head.label == "2_Dense_768[:512]"
+    np.testing.assert_allclose(vector, reference(tiny_stella, text, 768, keep=512), atol=1e-5)
+    assert encoder.manifest().head == "2_Dense_768[:512]"
+
+
+def test_s2p_prompts_queries_and_not_passages(tiny_stella):
+    encoder = load(tiny_stella, dim=256)
+    assert encoder.query_prompt == S2P_QUERY and encoder.passage_prompt is None
+    text = "what is a vector index"
+    np.testing.assert_allclose(
+        encoder.encode_queries([text])[0], reference(tiny_stella, S2P_QUERY + text, 256), atol=1e-5
+    )
+    np.testing.assert_allclose(encoder.encode_passages([text])[0], reference(tiny_stella, text, 256), atol=1e-5)
+
+
+def test_s2s_prompts_both_sides(tiny_stella):
+    encoder = load(tiny_stella, dim=256, prompt_type="s2s")
+    text = "a sentence to compare"
+    expected = reference(tiny_stella, S2S_QUERY + text, 256)
+    np.testing.assert_allclose(encoder.encode_queries([text])[0], expected, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_passages([text])[0], expected, atol=1e-5)
+
+
+def test_outputs_are_normalised_and_batches_do_not_change_them(tiny_stella):
+    encoder = load(tiny_stella, dim=768, batch_size=2)
+    texts = ["short", "a somewhat longer passage of text", "mid length text", "x " * 40]
+    batched = encoder.encode_passages(texts)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.stack([encoder.encode_passages([t])[0] for t in texts])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_a_dim_above_every_head_is_refused(tiny_stella):
+    with pytest.raises(InvalidInputError, match=r"--dim 9000 is not available.*\[256, 768, 1024\]"):
+        load(tiny_stella, dim=9000)
+
+
+def test_minilm_has_no_prompts_and_384_dims(minilm):
+    assert minilm.dim == 384 and minilm.query_prompt is None and minilm.passage_prompt is None
+    np.testing.assert_allclose(minilm.encode_queries(["same text"]), minilm.encode_passages(["same text"]))
+
+
+def test_minilm_dims_above_native_are_refused_and_below_truncate():
+    with pytest.raises(InvalidInputError, match="no MRL heads and gives 384 dims"):
+        Encoder.load("minilm", cpu_settings(), dim=1024)
+    small = Encoder.load("minilm", cpu_settings(), dim=128)
+    full = Encoder.load("minilm", cpu_settings())
+    text = ["truncation keeps the leading dimensions"]
+    expected = full.encode_passages(text)[0][:128]
+    np.testing.assert_allclose(small.encode_passages(text)[0], expected / np.linalg.norm(expected), atol=1e-5)
+    assert small.head.label == "native[:128]"
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(InvalidInputError, match="unknown model 'stella-7b'.*minilm"):
+        Encoder.load("stella-7b", cpu_settings())
+
+
+def test_stella_offline_without_weights_fails_fast_with_directions(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelUnavailableError, match=r"stella_en_1.5B_v5.*--model minilm"):
+        Encoder.load("stella-1.5b", cpu_settings())
+
+
+def test_embedding_cache_skips_the_model_for_seen_texts(tmp_path):
+    settings = cpu_settings()
+    settings.embedding.cache_embeddings = True
+    settings.embedding.cache_dir = tmp_path / "cache"
+    first = Encoder.load("minilm", settings)
+    vectors = first.encode_passages(["cached text one", "cached text two"])
+    second = Encoder.load("minilm", settings)
+    again = second.encode_passages(["cached text one", "cached text two"])
+    assert second.stats.texts == 0
+    np.testing.assert_array_equal(vectors, again)
