@@ -154,14 +154,18 @@ class Encoder:
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         """Vectors for search queries (with the query prompt of the prompt type)."""
-        return self.encode(texts, self.query_prompt)
+        return self.encode(texts, self.query_prompt, bulk=False)
 
     def encode_passages(self, texts: list[str]) -> np.ndarray:
         """Vectors for stored passages (bare for ``s2p``, with ``s2s_query`` for ``s2s``)."""
         return self.encode(texts, self.passage_prompt)
 
-    def encode(self, texts: list[str], prompt: str | None = None) -> np.ndarray:
-        """Encode ``texts`` (prompt prepended) in length-sorted batches; float32, shape (len(texts), dim)."""
+    def encode(self, texts: list[str], prompt: str | None = None, bulk: bool = True) -> np.ndarray:
+        """Encode ``texts`` (prompt prepended) in length-sorted batches; float32, shape (len(texts), dim).
+
+        ``bulk`` encodes run the seed's housekeeping (CUDA cache clearing, forced GC) every N batches; query
+        encodes skip it, since a full GC every 50 queries showed up as a 180 ms p99 in serving.
+        """
         out = np.empty((len(texts), self.dim), dtype="float32")
         if not texts:
             return out
@@ -172,13 +176,13 @@ class Encoder:
                 out[i] = vector
             todo = [i for i in todo if i not in cached]
         if todo:
-            vectors = self._encode_uncached([texts[i] for i in todo], prompt)
+            vectors = self._encode_uncached([texts[i] for i in todo], prompt, bulk)
             out[todo] = vectors
             if self._cache is not None:
                 self._cache.put([(prompt or "") + texts[i] for i in todo], vectors)
         return out
 
-    def _encode_uncached(self, texts: list[str], prompt: str | None) -> np.ndarray:
+    def _encode_uncached(self, texts: list[str], prompt: str | None, bulk: bool) -> np.ndarray:
         import torch
 
         started = time.perf_counter()
@@ -202,6 +206,8 @@ class Encoder:
                 continue
             start += len(idx)
             self.stats.batches += 1
+            if not bulk:
+                continue
             if (
                 on_cuda
                 and processing.clear_cache_interval
