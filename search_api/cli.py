@@ -189,7 +189,7 @@ def evaluate_command(dataset_dir, config, k, url, api_key, as_json, **flags):
             run = run_queries(dataset, search_fn, k)
     else:
         from indexer.pipeline import ingest_documents, open_or_create_collection
-        from indexer.sources import read_documents
+        from indexer.sources import check_sources, read_documents
 
         collection, encoder = open_or_create_collection(
             settings.data_dir, settings.collection, settings, flags["model"], flags["dim"]
@@ -197,7 +197,8 @@ def evaluate_command(dataset_dir, config, k, url, api_key, as_json, **flags):
         with collection:
             if collection.count_documents() == 0:
                 log.info("collection %s is empty: ingesting %s", collection.name, dataset.corpus)
-                ingest_documents(collection, encoder, read_documents(dataset.corpus), settings)
+                total = check_sources([dataset.corpus])
+                ingest_documents(collection, encoder, read_documents(dataset.corpus), settings, total=total)
 
             def search_fn(queries, k):
                 return [

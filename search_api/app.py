@@ -1,0 +1,284 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; ``stella-search serve`` runs it under uvicorn.
+
+Every endpoint that encodes or searches is a plain ``def``, so FastAPI runs it in its thread pool and the
+event loop never blocks on the model or FAISS.
+
+    uvicorn --factory search_api.app:app_from_env     # settings from STELLA_SEARCH_* variables
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from indexer.settings import Settings, load_settings
+from search_api import schemas
+from search_api.metrics import Metrics
+from search_api.service import SearchService
+from storage.errors import (
+    ConflictError,
+    CorruptCollectionError,
+    InvalidInputError,
+    ModelLoadingError,
+    ModelUnavailableError,
+    NotFoundError,
+    PayloadTooLargeError,
+    StellaSearchError,
+)
+
+log = logging.getLogger(__name__)
+
+# One mapping from domain exceptions to status codes; the first matching class wins.
+STATUS_BY_ERROR: list[tuple[type[StellaSearchError], int]] = [
+    (PayloadTooLargeError, 413),
+    (InvalidInputError, 400),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (ModelUnavailableError, 503),
+    (CorruptCollectionError, 503),
+    (StellaSearchError, 400),
+]
+
+ERROR_RESPONSES = {
+    400: {"model": schemas.ErrorBody, "description": "bad input; the message says what to change"},
+    401: {"model": schemas.ErrorBody, "description": "missing bearer key"},
+    403: {"model": schemas.ErrorBody, "description": "wrong bearer key"},
+    404: {"model": schemas.ErrorBody, "description": "unknown collection or document"},
+    409: {
+        "model": schemas.ErrorBody,
+        "description": "conflict: model/dim mismatch, existing collection, busy",
+    },
+    413: {"model": schemas.ErrorBody, "description": "request body or batch over the limits"},
+    422: {"model": schemas.ErrorBody, "description": "body does not match the schema"},
+    503: {"model": schemas.ErrorBody, "description": "model still loading or unavailable; retry"},
+}
+
+
+class _Unauthorized(Exception):
+    def __init__(self, status: int, detail: str):
+        self.status, self.detail = status, detail
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _check_key(request: Request, accepted: list[str]) -> None:
+    token = _bearer(request)
+    if token is None:
+        raise _Unauthorized(401, "this endpoint needs 'Authorization: Bearer <key>'")
+    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in accepted):
+        raise _Unauthorized(403, "the bearer key is not valid for this endpoint")
+
+
+def require_write(request: Request) -> None:
+    key = request.app.state.settings.server.api_key
+    if key:
+        _check_key(request, [key])
+
+
+def require_read(request: Request) -> None:
+    server = request.app.state.settings.server
+    if server.read_api_key:
+        _check_key(request, [k for k in (server.read_api_key, server.api_key) if k])
+
+
+def get_service(request: Request) -> SearchService:
+    return request.app.state.service
+
+
+Service = Annotated[SearchService, Depends(get_service)]
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``limit`` bytes, by Content-Length or while streaming."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _message(self) -> str:
+        return f"request body is over the {self.limit}-byte limit (server.max_body_bytes); send fewer documents"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await JSONResponse({"detail": self._message()}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    # FastAPI re-raises an HTTPException met while reading the body
+                    raise HTTPException(status_code=413, detail=self._message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
+    """The application for ``settings`` (defaults from the environment); collections under settings.data_dir."""
+    settings = settings or load_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service = SearchService(settings, observe_encode=metrics.observe_encode)
+        service.start(background=load_in_background)
+        app.state.service = service
+        metrics.bind(service)
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(
+        title="stella-search",
+        version="0.1.0",
+        summary="Vector search over Stella v5 (or MiniLM) embeddings: FAISS index, SQLite metadata.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.add_middleware(BodyLimit, limit=settings.server.max_body_bytes)
+    if settings.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.server.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe_request(
+            request.method,
+            getattr(route, "path", "unmatched"),
+            response.status_code,
+            time.perf_counter() - started,
+        )
+        return response
+
+    @app.exception_handler(StellaSearchError)
+    async def domain_error(request: Request, exc: StellaSearchError):
+        status = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
+        headers = {"Retry-After": "2"} if isinstance(exc, ModelLoadingError) else None
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(request: Request, exc: _Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no endpoint {request.method} {request.url.path}; the API is listed at /docs"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}; the API is listed at /docs"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+            problems.append(f"{where}: {err['msg']}")
+        return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
+
+    read = APIRouter(dependencies=[Depends(require_read)], responses=ERROR_RESPONSES)
+    write = APIRouter(dependencies=[Depends(require_write)], responses=ERROR_RESPONSES)
+
+    @read.post("/collections/{collection}/search", response_model=schemas.SearchResponse, tags=["search"])
+    def search(collection: str, body: schemas.SearchRequest, service: Service):
+        """Top-k passages (or documents, with group_by) for one query, best first."""
+        return service.search(collection, body.query, body.k, body.group_by)
+
+    @read.post("/collections/{collection}/search/batch", response_model=schemas.BatchSearchResponse, tags=["search"])
+    def search_batch(collection: str, body: schemas.BatchSearchRequest, service: Service):
+        """Several queries encoded in one batch; one response per query, in order."""
+        return service.search_batch(collection, body.queries, body.k, body.group_by)
+
+    @read.get("/collections", response_model=list[schemas.CollectionInfo], tags=["collections"])
+    def list_collections(service: Service):
+        """Every collection with its model, dimension and counts."""
+        return service.collections()
+
+    @read.get(
+        "/collections/{collection}/documents/{document_id:path}",
+        response_model=schemas.DocumentOut,
+        tags=["documents"],
+    )
+    def get_document(collection: str, document_id: str, service: Service):
+        """A stored document with its passages."""
+        return service.get(collection, document_id)
+
+    @write.post("/collections", response_model=schemas.CollectionInfo, status_code=201, tags=["collections"])
+    def create_collection(body: schemas.CollectionCreate, service: Service):
+        """Create an empty collection with its model, dimension and prompt type (fixed from then on)."""
+        return service.create_collection(body)
+
+    @write.delete("/collections/{collection}", response_model=schemas.Deleted, tags=["collections"])
+    def delete_collection(collection: str, service: Service):
+        """Delete a collection and its files."""
+        service.delete_collection(collection)
+        return schemas.Deleted(deleted=collection)
+
+    @write.post("/collections/{collection}/documents", response_model=schemas.UpsertResponse, tags=["documents"])
+    def upsert(collection: str, body: schemas.UpsertRequest, service: Service):
+        """Insert or replace documents; answers once they are committed and searchable."""
+        return service.upsert(collection, body.documents)
+
+    @write.delete(
+        "/collections/{collection}/documents/{document_id:path}",
+        response_model=schemas.Deleted,
+        tags=["documents"],
+    )
+    def delete_document(collection: str, document_id: str, service: Service):
+        """Delete a document and its passages."""
+        service.delete(collection, document_id)
+        return schemas.Deleted(deleted=document_id)
+
+    @app.get("/health", response_model=schemas.Health, tags=["operations"])
+    def health(service: Service):
+        """Model loaded, device, index sizes, GPU memory on CUDA."""
+        return service.health()
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: request latency per route, encode time and texts, index sizes, GPU memory."""
+        body, content_type = metrics.render()
+        return Response(content=body, media_type=content_type)
+
+    app.include_router(read)
+    app.include_router(write)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory``: settings from the environment only."""
+    return create_app(load_settings())

@@ -1,0 +1,223 @@
+"""Python clients for the stella-search HTTP API, on httpx: ``SearchClient`` and ``AsyncSearchClient``.
+
+Results come back as typed objects; a server error is raised as :class:`SearchAPIError` carrying the server's
+status and message. Connection errors and 503 (model loading) are retried with exponential backoff; nothing
+else is.
+
+>>> with SearchClient("http://127.0.0.1:8000") as client:
+...     client.upsert([{"id": "doc-1", "text": "Faiss is a library for vector search."}])
+...     client.search("what is faiss", k=3).results[0].id
+'doc-1'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from search_api import schemas
+
+RETRYABLE_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+class SearchAPIError(Exception):
+    """An error answer from the server: ``status_code`` and the server's ``detail`` message."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(f"{status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+def _document(doc: Any) -> dict:
+    if isinstance(doc, schemas.DocumentIn):
+        return doc.model_dump()
+    return dict(doc)
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    raise SearchAPIError(response.status_code, str(detail))
+
+
+class _Calls:
+    """What each call sends and how its answer is read, shared by the sync and async clients."""
+
+    @staticmethod
+    def _doc_path(collection: str, document_id: str) -> str:
+        return f"/collections/{quote(collection, safe='')}/documents/{quote(document_id, safe='')}"
+
+    @staticmethod
+    def _path(collection: str, suffix: str = "") -> str:
+        return f"/collections/{quote(collection, safe='')}{suffix}"
+
+
+def _backoff(attempt: int, base: float) -> float:
+    return base * (2**attempt)
+
+
+class SearchClient(_Calls):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+        self.retries, self.backoff = retries, backoff
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SearchClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except RETRYABLE_ERRORS:
+                if attempt == self.retries:
+                    raise
+                time.sleep(_backoff(attempt, self.backoff))
+                continue
+            if response.status_code == 503 and attempt < self.retries:
+                time.sleep(max(_backoff(attempt, self.backoff), float(response.headers.get("Retry-After", 0))))
+                continue
+            _raise_for(response)
+            return response.json()
+        raise AssertionError("unreachable")
+
+    def search(
+        self, query: str, k: int = 10, collection: str = "default", group_by: str = "passage"
+    ) -> schemas.SearchResponse:
+        body = {"query": query, "k": k, "group_by": group_by}
+        return schemas.SearchResponse.model_validate(
+            self._request("POST", self._path(collection, "/search"), json=body)
+        )
+
+    def search_batch(
+        self, queries: list[str], k: int = 10, collection: str = "default", group_by: str = "passage"
+    ) -> list[schemas.SearchResponse]:
+        body = {"queries": list(queries), "k": k, "group_by": group_by}
+        data = self._request("POST", self._path(collection, "/search/batch"), json=body)
+        return schemas.BatchSearchResponse.model_validate(data).responses
+
+    def upsert(
+        self, documents: Iterable[dict | schemas.DocumentIn], collection: str = "default"
+    ) -> schemas.UpsertResponse:
+        body = {"documents": [_document(d) for d in documents]}
+        return schemas.UpsertResponse.model_validate(
+            self._request("POST", self._path(collection, "/documents"), json=body)
+        )
+
+    def get(self, document_id: str, collection: str = "default") -> schemas.DocumentOut:
+        return schemas.DocumentOut.model_validate(self._request("GET", self._doc_path(collection, document_id)))
+
+    def delete(self, document_id: str, collection: str = "default") -> schemas.Deleted:
+        return schemas.Deleted.model_validate(self._request("DELETE", self._doc_path(collection, document_id)))
+
+    def collections(self) -> list[schemas.CollectionInfo]:
+        return [schemas.CollectionInfo.model_validate(c) for c in self._request("GET", "/collections")]
+
+    def create_collection(
+        self, name: str, model: str | None = None, dim: int | None = None, prompt_type: str = "s2p"
+    ) -> schemas.CollectionInfo:
+        body = {"name": name, "model": model, "dim": dim, "prompt_type": prompt_type}
+        return schemas.CollectionInfo.model_validate(self._request("POST", "/collections", json=body))
+
+    def delete_collection(self, name: str) -> schemas.Deleted:
+        return schemas.Deleted.model_validate(self._request("DELETE", self._path(name)))
+
+    def health(self) -> schemas.Health:
+        return schemas.Health.model_validate(self._request("GET", "/health"))
+
+
+class AsyncSearchClient(_Calls):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+        self.retries, self.backoff = retries, backoff
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncSearchClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except RETRYABLE_ERRORS:
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(_backoff(attempt, self.backoff))
+                continue
+            if response.status_code == 503 and attempt < self.retries:
+                await asyncio.sleep(max(_backoff(attempt, self.backoff), float(response.headers.get("Retry-After", 0))))
+                continue
+            _raise_for(response)
+            return response.json()
+        raise AssertionError("unreachable")
+
+    async def search(
+        self, query: str, k: int = 10, collection: str = "default", group_by: str = "passage"
+    ) -> schemas.SearchResponse:
+        body = {"query": query, "k": k, "group_by": group_by}
+        data = await self._request("POST", self._path(collection, "/search"), json=body)
+        return schemas.SearchResponse.model_validate(data)
+
+    async def search_batch(
+        self, queries: list[str], k: int = 10, collection: str = "default", group_by: str = "passage"
+    ) -> list[schemas.SearchResponse]:
+        body = {"queries": list(queries), "k": k, "group_by": group_by}
+        data = await self._request("POST", self._path(collection, "/search/batch"), json=body)
+        return schemas.BatchSearchResponse.model_validate(data).responses
+
+    async def upsert(
+        self, documents: Iterable[dict | schemas.DocumentIn], collection: str = "default"
+    ) -> schemas.UpsertResponse:
+        body = {"documents": [_document(d) for d in documents]}
+        data = await self._request("POST", self._path(collection, "/documents"), json=body)
+        return schemas.UpsertResponse.model_validate(data)
+
+    async def get(self, document_id: str, collection: str = "default") -> schemas.DocumentOut:
+        return schemas.DocumentOut.model_validate(await self._request("GET", self._doc_path(collection, document_id)))
+
+    async def delete(self, document_id: str, collection: str = "default") -> schemas.Deleted:
+        return schemas.Deleted.model_validate(await self._request("DELETE", self._doc_path(collection, document_id)))
+
+    async def collections(self) -> list[schemas.CollectionInfo]:
+        return [schemas.CollectionInfo.model_validate(c) for c in await self._request("GET", "/collections")]
+
+    async def health(self) -> schemas.Health:
+        return schemas.Health.model_validate(await self._request("GET", "/health"))

