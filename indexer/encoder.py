@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ class Encoder:
         self.query_prompt: str | None = prompts.get(query_name) or None
         self.passage_prompt: str | None = prompts.get(passage_name) or None if passage_name else None
         self.stats = EncodeStats()
+        # one forward pass at a time: a long bulk encode yields between batches, so queries interleave
+        self._forward_lock = threading.Lock()
         self._cache = None
         if settings.embedding.cache_embeddings:
             from indexer.embedding_cache import EmbeddingCache
@@ -225,7 +228,7 @@ class Encoder:
         from sentence_transformers.util import batch_to_device
 
         features = batch_to_device(self.model.preprocess(texts, prompt=prompt), self.model.device)
-        with torch.inference_mode():
+        with self._forward_lock, torch.inference_mode():
             embeddings = self.model(features)["sentence_embedding"]
         if self.head.truncate:
             embeddings = embeddings[:, : self.head.dim]

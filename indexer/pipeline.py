@@ -23,7 +23,7 @@ from indexer.encoder import Encoder
 from indexer.settings import Settings
 from indexer.sources import check_sources, read_documents
 from storage.collection import Collection, Document, Passage, collection_dir
-from storage.errors import ModelMismatchError, NotFoundError
+from storage.errors import CollectionExistsError, ModelMismatchError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,10 @@ def open_or_create_collection(
         collection = Collection.open(path)
     except NotFoundError:
         encoder = Encoder.load(model, settings, dim=dim)
-        return Collection.create(path, encoder.manifest()), encoder
+        try:
+            return Collection.create(path, encoder.manifest()), encoder
+        except CollectionExistsError:  # another process created it meanwhile: join it
+            collection = Collection.open(path)
     if dim is not None and dim != collection.manifest.dim:
         collection.close()
         raise ModelMismatchError(
@@ -157,11 +160,17 @@ def ingest_paths(
     settings: Settings,
     model: str | None = None,
     dim: int | None = None,
+    wait: float = 0.0,
 ) -> IngestReport:
-    """Validate every input file, then ingest them into collection ``name`` (created if new)."""
+    """Validate every input file, then ingest them into collection ``name`` (created if new).
+
+    The run holds the collection's writer lock throughout: another writer waits up to ``wait`` seconds, then
+    fails with a message naming the holder. Each batch commits on its own, so an interrupted run loses at most
+    the batch in flight, and running it again skips every committed document without re-encoding it.
+    """
     total = check_sources(paths)
     collection, encoder = open_or_create_collection(data_dir, name, settings, model, dim)
-    with collection:
+    with collection, collection.writing(wait):
         documents = (doc for path in paths for doc in read_documents(Path(path)))
         return ingest_documents(collection, encoder, documents, settings, total=total)
 

@@ -79,17 +79,23 @@ class ServerSettings(_Section):
     max_batch_queries: int = Field(256, ge=1)
     max_documents_per_request: int = Field(1000, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_document_chars: int = Field(1_000_000, ge=1, description="longer documents are rejected with 413")
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed")
 
 
 class Settings(_Section):
     data_dir: Path = Path("data")
+    snapshot_dir: Path | None = Field(None, description="where snapshots go; None means <data_dir>/.snapshots")
     collection: str = "default"
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+
+
+def snapshot_dir(settings: Settings) -> Path:
+    return settings.snapshot_dir or settings.data_dir / ".snapshots"
 
 
 def _merge(base: dict, override: dict) -> dict:

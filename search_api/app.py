@@ -253,6 +253,11 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         """Insert or replace documents; answers once they are committed and searchable."""
         return service.upsert(collection, body.documents)
 
+    @write.post("/collections/{collection}/documents/delete", response_model=schemas.DeleteResponse, tags=["documents"])
+    def delete_documents(collection: str, body: schemas.DeleteRequest, service: Service):
+        """Delete documents by id and/or metadata filter, in one transaction."""
+        return service.delete_many(collection, body)
+
     @write.delete(
         "/collections/{collection}/documents/{document_id:path}",
         response_model=schemas.Deleted,
@@ -262,6 +267,23 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         """Delete a document and its passages."""
         service.delete(collection, document_id)
         return schemas.Deleted(deleted=document_id)
+
+    @write.post(
+        "/collections/{collection}/snapshots", response_model=schemas.SnapshotInfo, status_code=201, tags=["snapshots"]
+    )
+    def take_snapshot(collection: str, service: Service):
+        """A consistent copy of the collection (SQLite backup API + index checkpoint), taken while serving."""
+        return service.take_snapshot(collection)
+
+    @read.get("/snapshots", response_model=list[schemas.SnapshotInfo], tags=["snapshots"])
+    def list_snapshots(service: Service):
+        """Snapshots under the server's snapshot directory."""
+        return service.snapshots()
+
+    @write.post("/collections/restore", response_model=schemas.CollectionInfo, status_code=201, tags=["snapshots"])
+    def restore(body: schemas.RestoreRequest, service: Service):
+        """Verify a snapshot and serve it as a new collection."""
+        return service.restore(body)
 
     @app.get("/health", response_model=schemas.Health, tags=["operations"])
     def health(service: Service):

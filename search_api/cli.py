@@ -90,8 +90,15 @@ def main(verbose: bool) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @_common
 @click.option("--prompt-type", type=click.Choice(["s2p", "s2s"]), help="fixed when the collection is created")
+@click.option(
+    "--wait",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="seconds to wait for another writer of the collection before giving up",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def ingest(paths, config, as_json, **flags):
+def ingest(paths, config, wait, as_json, **flags):
     """Split, encode and index documents from JSONL (BEIR), CSV, .txt/.md files or folders."""
     from indexer.pipeline import ingest_paths
 
@@ -103,6 +110,7 @@ def ingest(paths, config, as_json, **flags):
         settings,
         model=flags["model"],
         dim=flags["dim"],
+        wait=wait,
     )
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
@@ -222,6 +230,70 @@ def evaluate_command(dataset_dir, config, k, url, api_key, as_json, **flags):
 def _slug(model: str) -> str:
     name = Path(model).name if os.sep in model else model
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:40]
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--collection", help="collection name (default: 'default')")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--id", "ids", multiple=True, help="a document id to delete (repeatable)")
+@click.option("--filter", "filter_json", help='metadata filter as JSON, e.g. \'{"year": {"$lt": 2000}}\'')
+@click.option("--wait", type=float, default=0.0, show_default=True, help="seconds to wait for another writer")
+def delete(data_dir, collection, config, ids, filter_json, wait):
+    """Delete documents by id and/or metadata filter, in one transaction."""
+    from storage.collection import Collection, collection_dir
+    from storage.errors import InvalidInputError
+
+    settings = _settings(config, data_dir=data_dir, collection=collection)
+    where = None
+    if filter_json:
+        try:
+            where = json.loads(filter_json)
+        except ValueError as exc:
+            raise InvalidInputError(f"--filter is not JSON: {exc}") from None
+    if not ids and where is None:
+        raise InvalidInputError("name the documents to delete with --id and/or --filter")
+    with Collection.open(collection_dir(settings.data_dir, settings.collection)) as opened:
+        with opened.writing(wait):
+            deleted = opened.delete(list(ids), where=where)
+        opened.checkpoint()
+    click.echo(f"deleted {deleted} documents from {settings.collection}")
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--collection", help="collection name (default: 'default')")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="snapshot directory (default: under snapshot_dir)")
+@click.option("--wait", type=float, default=60.0, show_default=True, help="seconds to wait for another writer")
+def snapshot(data_dir, collection, config, out, wait):
+    """Copy a collection consistently (SQLite backup API + index checkpoint), also while it is being served."""
+    from indexer.settings import snapshot_dir
+    from storage.collection import Collection, collection_dir
+    from storage.snapshots import snapshot_name, take_snapshot
+
+    settings = _settings(config, data_dir=data_dir, collection=collection)
+    destination = Path(out) if out else snapshot_dir(settings) / snapshot_name(settings.collection)
+    with Collection.open(collection_dir(settings.data_dir, settings.collection)) as opened:
+        info = take_snapshot(opened, destination, wait=wait)
+    click.echo(json.dumps({"snapshot": str(destination), **info}, indent=2))
+
+
+@main.command()
+@click.argument("snapshot_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--collection", help="collection name to restore as (default: 'default')")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--replace", is_flag=True, help="replace an existing collection (kept aside, never deleted)")
+def restore(snapshot_path, data_dir, collection, config, replace):
+    """Verify a snapshot (checksums, SQLite integrity, counts) and install it as a collection."""
+    from storage.collection import collection_dir
+    from storage.snapshots import restore_snapshot
+
+    settings = _settings(config, data_dir=data_dir, collection=collection)
+    target = collection_dir(settings.data_dir, settings.collection)
+    info = restore_snapshot(Path(snapshot_path), target, replace=replace)
+    click.echo(f"restored {snapshot_path} as {target}: {info['documents']} documents, {info['passages']} passages")
 
 
 @main.command()

@@ -134,6 +134,15 @@ class SearchClient(_Calls):
     def delete(self, document_id: str, collection: str = "default") -> schemas.Deleted:
         return schemas.Deleted.model_validate(self._request("DELETE", self._doc_path(collection, document_id)))
 
+    def delete_many(
+        self, ids: Iterable[str] = (), filter: dict | None = None, collection: str = "default"
+    ) -> schemas.DeleteResponse:
+        """Delete documents by id and/or metadata filter in one transaction."""
+        body = {"ids": list(ids), "filter": filter}
+        return schemas.DeleteResponse.model_validate(
+            self._request("POST", self._path(collection, "/documents/delete"), json=body)
+        )
+
     def collections(self) -> list[schemas.CollectionInfo]:
         return [schemas.CollectionInfo.model_validate(c) for c in self._request("GET", "/collections")]
 

@@ -182,6 +182,58 @@ class Deleted(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"deleted": "doc-1"}]})
 
 
+class DeleteRequest(_Strict):
+    ids: list[str] = Field(default_factory=list, max_length=10_000, description="document ids")
+    filter: dict[str, Any] | None = Field(
+        None, description="metadata filter: $eq $ne $in $nin $gt $gte $lt $lte $exists $and $or"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"filter": {"year": {"$lt": 2000}}}, {"ids": ["doc-1", "doc-2"]}]},
+    )
+
+
+class DeleteResponse(BaseModel):
+    deleted: int = Field(..., description="documents that existed and were deleted")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"deleted": 2}]})
+
+
+class SnapshotInfo(BaseModel):
+    snapshot: str = Field(..., description="snapshot name, under the server's snapshot_dir")
+    collection: str
+    created_at: str
+    documents: int
+    passages: int
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "snapshot": "default-20261123T101500123456Z",
+                    "collection": "default",
+                    "created_at": "2026-11-23T10:15:00+00:00",
+                    "documents": 500,
+                    "passages": 512,
+                }
+            ]
+        }
+    )
+
+
+class RestoreRequest(_Strict):
+    snapshot: str = Field(..., description="a snapshot name from GET /snapshots")
+    collection: str = Field(..., description="a new collection name to restore into")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"snapshot": "default-20261123T101500123456Z", "collection": "default-restored"}]
+        },
+    )
+
+
 class CollectionCreate(_Strict):
     name: str = Field(..., description="1-64 letters, digits, '_', '.', '-'")
     model: str | None = Field(None, description="stella-1.5b, stella-400m, minilm or a model folder on the server")

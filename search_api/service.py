@@ -11,15 +11,16 @@ between collections built with the same model, head and prompt type, and each en
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 
 from indexer.encoder import Encoder
 from indexer.pipeline import encoder_for_collection, ingest_documents
-from indexer.settings import Settings
+from indexer.settings import Settings, snapshot_dir
 from search_api import schemas
 from storage.collection import Collection, Document, Hit, collection_dir, list_collections
 from storage.errors import (
@@ -29,16 +30,12 @@ from storage.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+from storage.snapshots import restore_snapshot, snapshot_name, take_snapshot
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CHECKPOINT_AFTER_PASSAGES = 10_000  # FAISS file rewrite cadence for API writes; SQLite already holds every vector
-
-
-@dataclass
-class _Loaded:
-    encoder: Encoder
-    lock: threading.Lock
 
 
 class SearchService:
@@ -46,7 +43,7 @@ class SearchService:
         self.settings = settings
         self.data_dir = settings.data_dir
         self._collections: dict[str, Collection] = {}
-        self._encoders: dict[tuple, _Loaded] = {}
+        self._encoders: dict[tuple, Encoder] = {}
         self._lock = threading.RLock()
         self._ready = threading.Event()
         self._load_error: Exception | None = None
@@ -95,13 +92,13 @@ class SearchService:
     def _key(model: str, dim: int | None, prompt_type: str, max_length: int | None) -> tuple:
         return (model, dim, prompt_type, max_length)
 
-    def _default_encoder(self) -> _Loaded:
+    def _default_encoder(self) -> Encoder:
         encoder = Encoder.load(self.settings.encoder.model, self.settings)
         key = self._key(encoder.profile.name, encoder.dim, encoder.prompt_type, encoder.max_seq_length)
         with self._lock:
-            return self._encoders.setdefault(key, _Loaded(encoder, threading.Lock()))
+            return self._encoders.setdefault(key, encoder)
 
-    def _encoder_for(self, collection: Collection, wait: bool = True) -> _Loaded:
+    def _encoder_for(self, collection: Collection, wait: bool = True) -> Encoder:
         if wait and not self._ready.is_set():
             raise ModelLoadingError("the model is still loading; retry in a few seconds")
         m = collection.manifest
@@ -111,14 +108,13 @@ class SearchService:
         if loaded is None:
             encoder = encoder_for_collection(collection, self.settings)
             with self._lock:
-                loaded = self._encoders.setdefault(key, _Loaded(encoder, threading.Lock()))
+                loaded = self._encoders.setdefault(key, encoder)
         return loaded
 
-    def _encode(self, loaded: _Loaded, texts: list[str], queries: bool):
-        with loaded.lock:
-            started = time.perf_counter()
-            vectors = loaded.encoder.encode_queries(texts) if queries else loaded.encoder.encode_passages(texts)
-            self._observe_encode(time.perf_counter() - started, len(texts))
+    def _encode_queries(self, encoder: Encoder, texts: list[str]):
+        started = time.perf_counter()
+        vectors = encoder.encode_queries(texts)
+        self._observe_encode(time.perf_counter() - started, len(texts))
         return vectors
 
     # -- collections -------------------------------------------------------------------------------------
@@ -165,9 +161,56 @@ class SearchService:
             collection = Collection.create(path, encoder.manifest())
             self._collections[request.name] = collection
             m = collection.manifest
-            self._encoders.setdefault(
-                self._key(m.model, m.dim, m.prompt_type, m.max_length), _Loaded(encoder, threading.Lock())
-            )
+            self._encoders.setdefault(self._key(m.model, m.dim, m.prompt_type, m.max_length), encoder)
+        return self._info(collection)
+
+    # -- snapshots ---------------------------------------------------------------------------------------
+
+    def take_snapshot(self, name: str) -> schemas.SnapshotInfo:
+        collection = self.collection(name)
+        label = snapshot_name(name)
+        info = take_snapshot(collection, snapshot_dir(self.settings) / label)
+        return schemas.SnapshotInfo(
+            snapshot=label,
+            collection=name,
+            created_at=info["created_at"],
+            documents=info["documents"],
+            passages=info["passages"],
+        )
+
+    def snapshots(self) -> list[schemas.SnapshotInfo]:
+        root = snapshot_dir(self.settings)
+        out = []
+        for path in sorted(root.iterdir()) if root.is_dir() else []:
+            if (path / "snapshot.json").exists():
+                info = json.loads((path / "snapshot.json").read_text())
+                out.append(
+                    schemas.SnapshotInfo(
+                        snapshot=path.name,
+                        collection=info["collection"],
+                        created_at=info["created_at"],
+                        documents=info["documents"],
+                        passages=info["passages"],
+                    )
+                )
+        return out
+
+    def restore(self, request: schemas.RestoreRequest) -> schemas.CollectionInfo:
+        if not SNAPSHOT_NAME.match(request.snapshot):
+            raise InvalidInputError(f"invalid snapshot name {request.snapshot!r}; GET /snapshots lists them")
+        source = snapshot_dir(self.settings) / request.snapshot
+        if not source.is_dir():
+            raise NotFoundError(f"no snapshot named {request.snapshot!r}; GET /snapshots lists them")
+        target = collection_dir(self.data_dir, request.collection)
+        with self._lock:
+            if request.collection in self._collections:
+                raise ConflictError(
+                    f"collection {request.collection!r} exists; restore into a new name (replacing a served "
+                    "collection needs the CLI with the server stopped)"
+                )
+            restore_snapshot(source, target)
+            collection = Collection.open(target)
+            self._collections[request.collection] = collection
         return self._info(collection)
 
     def delete_collection(self, name: str) -> None:
@@ -207,9 +250,9 @@ class SearchService:
         for query in queries:
             self._check_query(query)
         collection = self.collection(name)
-        loaded = self._encoder_for(collection)
+        encoder = self._encoder_for(collection)
         started = time.perf_counter()
-        vectors = self._encode(loaded, queries, queries=True)
+        vectors = self._encode_queries(encoder, queries)
         found = collection.search_documents(vectors, k) if group_by == "document" else collection.search(vectors, k)
         took_ms = (time.perf_counter() - started) * 1000
         responses = [
@@ -228,24 +271,28 @@ class SearchService:
         if len(set(ids)) != len(ids):
             repeated = sorted({i for i in ids if ids.count(i) > 1})
             raise InvalidInputError(f"document ids must be unique within a request; repeated: {repeated[:5]}")
+        max_chars = self.settings.server.max_document_chars
         for doc in documents:
             if not doc.text.strip():
                 raise InvalidInputError(f"document {doc.id!r} has empty text")
+            if len(doc.text) > max_chars:
+                raise PayloadTooLargeError(
+                    f"document {doc.id!r} has {len(doc.text)} characters; the limit is {max_chars} "
+                    "(server.max_document_chars): split it into several documents"
+                )
         collection = self.collection(name)
-        loaded = self._encoder_for(collection)
+        encoder = self._encoder_for(collection)
         started = time.perf_counter()
-        with loaded.lock:
-            encode_before = loaded.encoder.stats.seconds
-            report = ingest_documents(
-                collection,
-                loaded.encoder,
-                [Document(d.id, d.title or None, d.text, d.metadata) for d in documents],
-                self.settings,
-                batch_documents=len(documents),
-                checkpoint=False,
-                quiet=True,
-            )
-            self._observe_encode(loaded.encoder.stats.seconds - encode_before, report.passages_written)
+        report = ingest_documents(
+            collection,
+            encoder,
+            [Document(d.id, d.title or None, d.text, d.metadata) for d in documents],
+            self.settings,
+            batch_documents=len(documents),
+            checkpoint=False,
+            quiet=True,
+        )
+        self._observe_encode(report.encode_seconds, report.passages_written)
         self._after_write(collection, report.passages_written + report.passages_removed)
         return schemas.UpsertResponse(
             documents=report.documents_seen,
@@ -274,6 +321,14 @@ class SearchService:
             raise NotFoundError(f"no document with id {document_id!r} in collection {name}")
         self._after_write(collection, 1)
 
+    def delete_many(self, name: str, request: schemas.DeleteRequest) -> schemas.DeleteResponse:
+        if not request.ids and request.filter is None:
+            raise InvalidInputError("name the documents to delete: 'ids', a metadata 'filter', or both")
+        collection = self.collection(name)
+        deleted = collection.delete(request.ids, where=request.filter)
+        self._after_write(collection, deleted)
+        return schemas.DeleteResponse(deleted=deleted)
+
     def _after_write(self, collection: Collection, changed: int) -> None:
         with self._lock:
             self._unsaved[collection.name] = self._unsaved.get(collection.name, 0) + changed
@@ -289,7 +344,7 @@ class SearchService:
         import torch
 
         with self._lock:
-            encoders = [loaded.encoder for loaded in self._encoders.values()]
+            encoders = list(self._encoders.values())
             opened = dict(self._collections)
         device = encoders[0].device if encoders else self.settings.processing.device
         gpu = None

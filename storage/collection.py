@@ -16,11 +16,13 @@ fails its checksum. Passage ids come from ``AUTOINCREMENT`` and are never reused
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
+import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -35,11 +37,14 @@ import sqlite_utils
 
 from storage.errors import (
     CollectionBusyError,
+    CollectionExistsError,
     CorruptCollectionError,
     InvalidInputError,
     ModelMismatchError,
     NotFoundError,
 )
+from storage.filters import compile_filter
+from storage.locking import ReadWriteLock, WriterLock
 from storage.vector_index import INDEX_TYPE, Stamp, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,7 @@ LOCK_FILE = "write.lock"
 SCHEMA_VERSION = 1
 STORAGE_VERSION = "0.1.0"
 _SQL_CHUNK = 900  # stay under SQLite's bound-parameter limit on old builds
+_READ_ATTEMPTS = 20
 
 
 def content_hash(title: str | None, text: str) -> str:
@@ -166,7 +172,9 @@ class Collection:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._write_lock = threading.RLock()  # checkpoint() may run inside a write
+        self._view = ReadWriteLock()  # searches read the index; replays change it
+        self._apply_lock = threading.Lock()  # one replay or checkpoint at a time
+        self._writer = WriterLock(self.path / LOCK_FILE, self.path.name)
         self._use_gpu = use_gpu
         self._index: VectorIndex
         self._stamp: Stamp
@@ -175,12 +183,34 @@ class Collection:
 
     @classmethod
     def create(cls, path: Path | str, manifest: Manifest, use_gpu: bool | None = None) -> Collection:
-        """Create an empty collection directory; refuses a directory that already holds one."""
+        """Create an empty collection directory; refuses a directory that already holds one.
+
+        The collection is built in a staging directory and renamed into place, so no other process can open a
+        half-created one, and of two processes creating the same collection exactly one wins
+        (the other gets :class:`CollectionExistsError` and can open the winner's).
+        """
         path = Path(path)
         if (path / DB_FILE).exists():
-            raise InvalidInputError(f"a collection already exists at {path}; open it instead")
-        path.mkdir(parents=True, exist_ok=True)
-        collection = cls(path, manifest, use_gpu=use_gpu)
+            raise CollectionExistsError(f"a collection already exists at {path}; open it instead")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.parent / f".{path.name}.creating-{secrets.token_hex(4)}"
+        staging.mkdir()
+        try:
+            cls._initialise(staging, manifest)
+            os.rename(staging, path)  # atomic; fails when another process renamed its copy first
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if (path / DB_FILE).exists():
+                raise CollectionExistsError(f"a collection already exists at {path}; open it instead") from exc
+            raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls.open(path, use_gpu=use_gpu)
+
+    @classmethod
+    def _initialise(cls, path: Path, manifest: Manifest) -> None:
+        collection = cls(path, manifest, use_gpu=False)
         db = collection._db
         with db.atomic():
             db.execute(
@@ -198,10 +228,10 @@ class Collection:
             db.execute("CREATE INDEX passages_by_document ON passages(document_id, ordinal)")
             db.execute("CREATE TABLE deletions (seq INTEGER PRIMARY KEY AUTOINCREMENT, passage_id INTEGER NOT NULL)")
             db["manifest"].insert(asdict(manifest))
-        collection._index = VectorIndex.empty(manifest.dim, use_gpu=use_gpu)
+        collection._index = VectorIndex.empty(manifest.dim, use_gpu=False)
         collection._stamp = Stamp(max_passage_id=0, deletion_seq=0, ntotal=0, dim=manifest.dim)
         collection.checkpoint()
-        return collection
+        collection.close()
 
     @classmethod
     def open(cls, path: Path | str, use_gpu: bool | None = None) -> Collection:
@@ -290,37 +320,47 @@ class Collection:
         return int(seqs.get("passages", 0)), int(seqs.get("deletions", 0))
 
     def _replay(self) -> None:
-        """Apply what SQLite has that the in-memory index does not: newer deletions, then newer passages."""
-        db = self._db
-        with db.atomic():
-            max_id, max_seq = self._high_water_marks()
-            if (max_id, max_seq) == (self._stamp.max_passage_id, self._stamp.deletion_seq):
-                return
-            deleted = [
-                r[0]
-                for r in db.execute(
-                    "SELECT passage_id FROM deletions WHERE seq > ? AND seq <= ?",
-                    [self._stamp.deletion_seq, max_seq],
-                )
-            ]
-            rows = db.execute(
-                "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id",
-                [self._stamp.max_passage_id, max_id],
-            ).fetchall()
-        self._index.remove(deleted)
-        if rows:
-            self._index.add(self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows]))
-        self._stamp = Stamp(max_passage_id=max_id, deletion_seq=max_seq, ntotal=self._index.ntotal, dim=self.dim)
+        """Bring the in-memory index up to SQLite: newer deletions, then newer passages.
+
+        Idempotent and keyed on the stamp, so a writer mirroring its own commit and a reader catching up with
+        another process's commits can never apply the same change twice.
+        """
+        with self._apply_lock:
+            db = self._db
+            with db.atomic():
+                max_id, max_seq = self._high_water_marks()
+                if (max_id, max_seq) == (self._stamp.max_passage_id, self._stamp.deletion_seq):
+                    return
+                deleted = [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT passage_id FROM deletions WHERE seq > ? AND seq <= ?",
+                        [self._stamp.deletion_seq, max_seq],
+                    )
+                ]
+                rows = db.execute(
+                    "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id",
+                    [self._stamp.max_passage_id, max_id],
+                ).fetchall()
+            with self._view.write():
+                self._index.remove(deleted)
+                if rows:
+                    self._index.add(self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows]))
+                self._stamp = Stamp(max_id, max_seq, self._index.ntotal, self.dim)
 
     def refresh(self) -> None:
-        """Catch up with writes made by another process since this one last looked."""
-        with self._write_lock:
-            self._replay()
+        """Catch up with writes committed by another process since this one last looked."""
+        self._replay()
 
     def checkpoint(self) -> None:
         """Write the FAISS index to disk, stamped with what it contains."""
-        with self._write_lock:
+        with self._apply_lock:
             self._stamp = self._index.save(self.path, self._stamp)
+
+    def checkpoint_to(self, directory: Path) -> None:
+        """Write the index and its stamp into another directory (a snapshot being taken)."""
+        with self._apply_lock:
+            self._index.save(Path(directory), self._stamp)
 
     # -- SQLite plumbing -------------------------------------------------------------------------------------
 
@@ -352,27 +392,17 @@ class Collection:
         self.close()
 
     @contextmanager
-    def _exclusive(self, timeout: float = 60.0) -> Iterator[None]:
-        """One writer per collection: a thread lock within the process, ``flock`` across processes."""
-        with self._write_lock:
-            with open(self.path / LOCK_FILE, "a") as lock_file:
-                deadline = time.monotonic() + timeout
-                while True:
-                    try:
-                        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise CollectionBusyError(
-                                f"collection {self.path.name} is being written by another process; "
-                                "try again when it has finished"
-                            ) from None
-                        time.sleep(0.05)
-                try:
-                    self._replay()
-                    yield
-                finally:
-                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+    def writing(self, wait: float = 60.0) -> Iterator[None]:
+        """Hold the collection's writer lock across several writes (an ingest run), waiting up to ``wait`` s.
+
+        Other processes' writers wait or fail with a message naming the holder; searches are not blocked.
+        """
+        with self._writer.hold(wait):
+            self._replay()
+            yield
+
+    def _exclusive(self, wait: float = 60.0):
+        return self.writing(wait)
 
     def _vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
         return np.frombuffer(b"".join(blobs), dtype="float32").reshape(len(blobs), self.dim)
@@ -426,27 +456,43 @@ class Collection:
 
     def get(self, document_id: str) -> tuple[Document, list[Passage]]:
         """A document and its passages, in order."""
-        rows = list(self._db["documents"].rows_where("id = ?", [document_id]))
-        if not rows:
-            raise NotFoundError(f"no document with id {document_id!r} in collection {self.name}")
-        row = rows[0]
-        passages = [
-            Passage(document_id, r["ordinal"], r["text"], r["start"], r["end"])
-            for r in self._db["passages"].rows_where(
-                "document_id = ?", [document_id], order_by="ordinal", select='ordinal, text, start, "end"'
-            )
-        ]
+        db = self._db
+        with db.atomic():  # the document and its passages from one snapshot
+            rows = list(db["documents"].rows_where("id = ?", [document_id]))
+            if not rows:
+                raise NotFoundError(f"no document with id {document_id!r} in collection {self.name}")
+            row = rows[0]
+            passages = [
+                Passage(document_id, r["ordinal"], r["text"], r["start"], r["end"])
+                for r in db["passages"].rows_where(
+                    "document_id = ?", [document_id], order_by="ordinal", select='ordinal, text, start, "end"'
+                )
+            ]
         return Document(row["id"], row["title"], row["text"], json.loads(row["metadata"])), passages
 
     def search(self, query_vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """Top-k passages per query vector, best first."""
+        """Top-k passages per query vector, best first, from one consistent state of the collection.
+
+        The rows are read in the SQLite snapshot whose high-water marks equal the index's stamp, so a
+        concurrent write is either wholly visible or not at all.
+        """
         query_vectors = self._check_vectors(np.atleast_2d(query_vectors), "query vectors")
-        scores, ids = self._index.search(query_vectors, k)
-        rows = self._passage_rows({int(i) for i in ids.ravel() if i >= 0})
-        return [
-            [self._hit(rows[int(i)], float(s)) for s, i in zip(qs, qi) if i >= 0 and int(i) in rows]
-            for qs, qi in zip(scores, ids)
-        ]
+        for _ in range(_READ_ATTEMPTS):
+            db = self._db
+            with db.atomic():
+                marks = self._high_water_marks()
+                with self._view.read():
+                    current = marks == (self._stamp.max_passage_id, self._stamp.deletion_seq)
+                    if current:
+                        scores, ids = self._index.search(query_vectors, k)
+                if current:
+                    rows = self._passage_rows({int(i) for i in ids.ravel() if i >= 0})
+                    return [
+                        [self._hit(rows[int(i)], float(s)) for s, i in zip(qs, qi) if i >= 0]
+                        for qs, qi in zip(scores, ids)
+                    ]
+            self._replay()
+        raise CollectionBusyError(f"collection {self.name} changed on every read attempt; retry the search")
 
     def search_documents(self, query_vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Top-k documents per query, each represented by its best passage (max-passage scoring).
@@ -528,6 +574,11 @@ class Collection:
             raise InvalidInputError(f"passages refer to documents not in this write: {sorted(unknown)[:5]}")
         metadata_json = {}
         for doc in documents:
+            if isinstance(doc.metadata, dict) and any(not k or k.startswith("$") for k in doc.metadata):
+                raise InvalidInputError(
+                    f"document {doc.id!r}: metadata keys must be non-empty and must not start with '$' "
+                    "(reserved for filter operators)"
+                )
             if not isinstance(doc.metadata, dict):
                 raise InvalidInputError(
                     f"document {doc.id!r}: metadata must be an object, not {type(doc.metadata).__name__}"
@@ -580,18 +631,25 @@ class Collection:
                         ),
                     )
                     new_ids.append(cursor.lastrowid)
-                max_id, max_seq = self._high_water_marks()
-            self._apply(removed, vectors, new_ids, max_id, max_seq)
+            self._replay()
         return WriteResult(len(documents), len(new_ids), len(removed))
 
-    def delete(self, document_ids: Sequence[str]) -> int:
-        """Delete documents and their passages; returns how many documents existed."""
+    def delete(self, document_ids: Sequence[str] = (), where: dict | None = None) -> int:
+        """Delete documents by id and/or by metadata filter (see ``storage.filters``) in one transaction.
+
+        Returns how many documents existed and were deleted.
+        """
         document_ids = list(dict.fromkeys(document_ids))
+        condition = compile_filter(where) if where is not None else None
         with self._exclusive():
             db = self._db
-            existing = list(self.content_hashes(document_ids))
-            removed: list[int] = []
             with db.atomic():
+                existing = list(self.content_hashes(document_ids))
+                if condition is not None:
+                    sql, params = condition
+                    matched = [r[0] for r in db.execute(f"SELECT id FROM documents WHERE {sql}", params)]
+                    existing = list(dict.fromkeys(existing + matched))
+                removed: list[int] = []
                 for i in range(0, len(existing), _SQL_CHUNK):
                     chunk = existing[i : i + _SQL_CHUNK]
                     marks = ",".join("?" * len(chunk))
@@ -601,15 +659,8 @@ class Collection:
                     db.execute(f"DELETE FROM passages WHERE document_id IN ({marks})", chunk)
                     db.execute(f"DELETE FROM documents WHERE id IN ({marks})", chunk)
                 db.conn.executemany("INSERT INTO deletions (passage_id) VALUES (?)", [(p,) for p in removed])
-                max_id, max_seq = self._high_water_marks()
-            self._apply(removed, np.empty((0, self.dim), dtype="float32"), [], max_id, max_seq)
+            self._replay()
         return len(existing)
-
-    def _apply(self, removed: list[int], vectors: np.ndarray, new_ids: list[int], max_id: int, max_seq: int):
-        """Mirror a committed SQLite transaction into the in-memory index."""
-        self._index.remove(removed)
-        self._index.add(vectors, np.array(new_ids, dtype="int64"))
-        self._stamp = Stamp(max_passage_id=max_id, deletion_seq=max_seq, ntotal=self._index.ntotal, dim=self.dim)
 
     def info(self) -> dict:
         """Manifest and counts, as shown by ``stella-search info``."""

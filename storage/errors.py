@@ -27,6 +27,10 @@ class ConflictError(StellaSearchError):
     """The request conflicts with what exists, e.g. creating a collection that already exists (HTTP 409)."""
 
 
+class CollectionExistsError(ConflictError):
+    """Creating a collection that already exists (HTTP 409)."""
+
+
 class ModelMismatchError(ConflictError):
     """A collection opened or written with another model, head or dimension than it was built with (HTTP 409)."""
 
