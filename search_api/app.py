@@ -12,12 +12,13 @@ import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.settings import Settings, load_settings
@@ -36,6 +37,7 @@ from storage.errors import (
 )
 
 log = logging.getLogger(__name__)
+SEARCH_PAGE = Path(__file__).with_name("static") / "index.html"
 
 # One mapping from domain exceptions to status codes; the first matching class wins.
 STATUS_BY_ERROR: list[tuple[type[StellaSearchError], int]] = [
@@ -216,12 +218,17 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     @read.post("/collections/{collection}/search", response_model=schemas.SearchResponse, tags=["search"])
     def search(collection: str, body: schemas.SearchRequest, service: Service):
         """Top-k passages (or documents, with group_by) for one query, best first."""
-        return service.search(collection, body.query, body.k, body.group_by)
+        return service.search(collection, body)
 
     @read.post("/collections/{collection}/search/batch", response_model=schemas.BatchSearchResponse, tags=["search"])
     def search_batch(collection: str, body: schemas.BatchSearchRequest, service: Service):
         """Several queries encoded in one batch; one response per query, in order."""
-        return service.search_batch(collection, body.queries, body.k, body.group_by)
+        return service.search_batch(collection, body)
+
+    @read.post("/collections/{collection}/similar", response_model=schemas.SearchResponse, tags=["search"])
+    def similar(collection: str, body: schemas.SimilarRequest, service: Service):
+        """More like this: the nearest passages or documents to a stored document (its own vectors) or a text."""
+        return service.similar(collection, body)
 
     @read.get("/collections", response_model=list[schemas.CollectionInfo], tags=["collections"])
     def list_collections(service: Service):
@@ -284,6 +291,11 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     def restore(body: schemas.RestoreRequest, service: Service):
         """Verify a snapshot and serve it as a new collection."""
         return service.restore(body)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def search_page() -> HTMLResponse:
+        """The search page: plain HTML and JavaScript, no external assets."""
+        return HTMLResponse(SEARCH_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health", response_model=schemas.Health, tags=["operations"])
     def health(service: Service):

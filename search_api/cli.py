@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from indexer.settings import Settings, load_settings
+from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION
 from storage.errors import StellaSearchError
 
 log = logging.getLogger("stella_search")
@@ -124,46 +125,93 @@ def ingest(paths, config, wait, as_json, **flags):
         )
 
 
+def _search_options(func):
+    options = [
+        click.option("--mode", type=click.Choice(["dense", "lexical", "hybrid"]), default="dense", show_default=True),
+        click.option(
+            "--fusion",
+            type=click.Choice(["rrf", "minmax"]),
+            default=DEFAULT_FUSION,
+            show_default=True,
+            help="hybrid: reciprocal rank fusion or min-max normalised scores",
+        ),
+        click.option(
+            "--alpha",
+            type=click.FloatRange(0, 1),
+            default=DEFAULT_ALPHA,
+            show_default=True,
+            help="minmax fusion: weight of the dense score",
+        ),
+        click.option("--filter", "filter_json", help='metadata filter as JSON, e.g. \'{"year": {"$gte": 2020}}\''),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _filter(filter_json: str | None) -> dict | None:
+    if filter_json is None:
+        return None
+    from storage.errors import InvalidInputError
+
+    try:
+        return json.loads(filter_json)
+    except ValueError as exc:
+        raise InvalidInputError(f"--filter is not JSON: {exc}") from None
+
+
 @main.command()
 @click.argument("query")
 @_common
+@_search_options
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--group-by", type=click.Choice(["passage", "document"]), default="passage", show_default=True)
+@click.option("--offset", type=click.IntRange(0, 10_000), default=0, help="results to skip, for paging")
 @click.option("--url", help="search through a running server instead of opening the collection")
 @click.option("--api-key", envvar="STELLA_SEARCH_API_KEY", help="bearer key for --url")
 @click.option("--json", "as_json", is_flag=True)
-def search(query, config, k, url, api_key, as_json, **flags):
-    """Search a collection and print the top passages."""
+def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset, url, api_key, as_json, **flags):
+    """Search a collection and print the top passages (or documents)."""
     settings = _settings(config, **flags)
+    options = {
+        "mode": mode,
+        "fusion": fusion,
+        "alpha": alpha,
+        "filter": _filter(filter_json),
+        "group_by": group_by,
+        "offset": offset,
+    }
     if url:
         from search_api.client import SearchClient
 
         with SearchClient(url, api_key=api_key) as client:
-            response = client.search(query, k=k, collection=settings.collection)
-        hits = [h.model_dump() for h in response.results]
+            response = client.search(query, k=k, collection=settings.collection, **options)
+        hits = [h.model_dump(exclude={"passages"}) for h in response.results]
         took_ms = response.took_ms
     else:
         from indexer.pipeline import encoder_for_collection, open_collection
+        from search_api.retrieval import Retriever, SearchOptions
 
         with open_collection(settings.data_dir, settings.collection) as collection:
-            encoder = encoder_for_collection(collection, settings, flags["model"])
+            encoder = encoder_for_collection(collection, settings, flags["model"]) if mode != "lexical" else None
             started = time.perf_counter()
-            found = collection.search(encoder.encode_queries([query]), k)[0]
+            found = Retriever(collection, encoder).search(SearchOptions(query=query, k=k, **options))
             took_ms = (time.perf_counter() - started) * 1000
         hits = [
             {
-                "id": h.document_id,
-                "passage_id": h.passage_id,
-                "score": h.score,
-                "title": h.title,
-                "text": h.text,
-                "metadata": h.metadata,
+                "id": r.hit.document_id,
+                "passage_id": r.hit.passage_id,
+                "score": r.score,
+                "title": r.hit.title,
+                "text": r.hit.text,
+                "metadata": r.hit.metadata,
             }
-            for h in found
+            for r in found
         ]
     if as_json:
         click.echo(json.dumps({"results": hits, "took_ms": round(took_ms, 2)}, indent=2, ensure_ascii=False))
         return
-    for rank, hit in enumerate(hits, start=1):
+    for rank, hit in enumerate(hits, start=offset + 1):
         title = f" {hit['title']}" if hit["title"] else ""
         snippet = " ".join(hit["text"].split())[:160]
         click.echo(f"{rank:>3}. {hit['score']:.4f} [{hit['id']}]{title}\n     {snippet}")
@@ -172,18 +220,23 @@ def search(query, config, k, url, api_key, as_json, **flags):
 @main.command(name="eval")
 @click.argument("dataset_dir", type=click.Path(exists=True, file_okay=False))
 @_common
+@_search_options
 @click.option("-k", "k", type=click.IntRange(10, 1000), default=100, show_default=True, help="documents per query")
 @click.option("--url", help="search through a running server (the collection must already be ingested)")
 @click.option("--api-key", envvar="STELLA_SEARCH_API_KEY", help="bearer key for --url")
 @click.option("--json", "as_json", is_flag=True)
-def evaluate_command(dataset_dir, config, k, url, api_key, as_json, **flags):
-    """nDCG@10, recall@100 and MRR@10 on a BEIR dataset (ingesting its corpus first if needed)."""
+def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, url, api_key, as_json, **flags):
+    """nDCG@10, recall@100 and MRR@10 on a BEIR dataset (ingesting its corpus first if needed).
+
+    Documents are ranked by their best passage (group_by document), in the chosen --mode.
+    """
     from indexer.evaluation import BeirDataset, evaluate, run_queries
 
     dataset = BeirDataset.load(Path(dataset_dir))
     if flags["collection"] is None:
         flags["collection"] = f"{dataset.name}-{_slug(flags['model'] or 'default')}"
     settings = _settings(config, **flags)
+    options = {"mode": mode, "fusion": fusion, "alpha": alpha, "filter": _filter(filter_json), "group_by": "document"}
     started = time.perf_counter()
     if url:
         from search_api.client import SearchClient
@@ -191,13 +244,14 @@ def evaluate_command(dataset_dir, config, k, url, api_key, as_json, **flags):
         with SearchClient(url, api_key=api_key) as client:
 
             def search_fn(queries, k):
-                responses = client.search_batch(queries, k=k, collection=settings.collection, group_by="document")
+                responses = client.search_batch(queries, k=k, collection=settings.collection, **options)
                 return [[(h.id, h.score) for h in r.results] for r in responses]
 
             run = run_queries(dataset, search_fn, k)
     else:
         from indexer.pipeline import ingest_documents, open_or_create_collection
         from indexer.sources import check_sources, read_documents
+        from search_api.retrieval import Retriever, SearchOptions
 
         collection, encoder = open_or_create_collection(
             settings.data_dir, settings.collection, settings, flags["model"], flags["dim"]
@@ -206,23 +260,25 @@ def evaluate_command(dataset_dir, config, k, url, api_key, as_json, **flags):
             if collection.count_documents() == 0:
                 log.info("collection %s is empty: ingesting %s", collection.name, dataset.corpus)
                 total = check_sources([dataset.corpus])
-                ingest_documents(collection, encoder, read_documents(dataset.corpus), settings, total=total)
+                with collection.writing():
+                    ingest_documents(collection, encoder, read_documents(dataset.corpus), settings, total=total)
+            retriever = Retriever(collection, encoder)
 
             def search_fn(queries, k):
-                return [
-                    [(h.document_id, h.score) for h in hits]
-                    for hits in collection.search_documents(encoder.encode_queries(queries), k)
-                ]
+                found = retriever.search_many([SearchOptions(query=q, k=k, **options) for q in queries])
+                return [[(r.hit.document_id, r.score) for r in results] for results in found]
 
             run = run_queries(dataset, search_fn, k)
     scores = evaluate(dataset, run)
-    scores["collection"] = settings.collection
-    scores["seconds"] = round(time.perf_counter() - started, 2)
+    scores.update(collection=settings.collection, mode=mode, seconds=round(time.perf_counter() - started, 2))
+    if mode == "hybrid":
+        scores.update(fusion=fusion, alpha=alpha)
     if as_json:
         click.echo(json.dumps(scores, indent=2))
     else:
+        label = mode if mode != "hybrid" else f"hybrid/{fusion}" + (f" alpha {alpha}" if fusion == "minmax" else "")
         click.echo(
-            f"{dataset.name} ({scores['queries']} queries, collection {settings.collection}): "
+            f"{dataset.name} ({scores['queries']} queries, collection {settings.collection}, {label}): "
             f"nDCG@10 {scores['ndcg@10']:.4f}  recall@100 {scores['recall@100']:.4f}  MRR@10 {scores['mrr@10']:.4f}"
         )
 
@@ -294,6 +350,24 @@ def restore(snapshot_path, data_dir, collection, config, replace):
     target = collection_dir(settings.data_dir, settings.collection)
     info = restore_snapshot(Path(snapshot_path), target, replace=replace)
     click.echo(f"restored {snapshot_path} as {target}: {info['documents']} documents, {info['passages']} passages")
+
+
+@main.command(name="index-field")
+@click.argument("field")
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--collection", help="collection name (default: 'default')")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wait", type=float, default=0.0, show_default=True, help="seconds to wait for another writer")
+def index_field(field, data_dir, collection, config, wait):
+    """Index a metadata FIELD so filters on it ($eq, $in, ranges) use an index instead of scanning."""
+    from storage.collection import Collection, collection_dir
+
+    settings = _settings(config, data_dir=data_dir, collection=collection)
+    with Collection.open(collection_dir(settings.data_dir, settings.collection)) as opened:
+        with opened.writing(wait):
+            rows = opened.index_field(field)
+        fields = sorted(opened.indexed_fields())
+    click.echo(f"indexed {field!r} in {settings.collection} ({rows} values); indexed fields: {', '.join(fields)}")
 
 
 @main.command()

@@ -105,20 +105,33 @@ class SearchClient(_Calls):
             return response.json()
         raise AssertionError("unreachable")
 
-    def search(
-        self, query: str, k: int = 10, collection: str = "default", group_by: str = "passage"
-    ) -> schemas.SearchResponse:
-        body = {"query": query, "k": k, "group_by": group_by}
+    def search(self, query: str, k: int = 10, collection: str = "default", **options: Any) -> schemas.SearchResponse:
+        """Search; ``options``: mode, filter, fusion, alpha, group_by, passages_per_document, offset."""
+        body = {"query": query, "k": k, **options}
         return schemas.SearchResponse.model_validate(
             self._request("POST", self._path(collection, "/search"), json=body)
         )
 
     def search_batch(
-        self, queries: list[str], k: int = 10, collection: str = "default", group_by: str = "passage"
+        self, queries: list[str], k: int = 10, collection: str = "default", **options: Any
     ) -> list[schemas.SearchResponse]:
-        body = {"queries": list(queries), "k": k, "group_by": group_by}
+        body = {"queries": list(queries), "k": k, **options}
         data = self._request("POST", self._path(collection, "/search/batch"), json=body)
         return schemas.BatchSearchResponse.model_validate(data).responses
+
+    def similar(
+        self,
+        id: str | None = None,
+        text: str | None = None,
+        k: int = 10,
+        collection: str = "default",
+        **options: Any,
+    ) -> schemas.SearchResponse:
+        """More like this: neighbours of a stored document (by id) or of a text."""
+        body = {"id": id, "text": text, "k": k, **options}
+        return schemas.SearchResponse.model_validate(
+            self._request("POST", self._path(collection, "/similar"), json=body)
+        )
 
     def upsert(
         self, documents: Iterable[dict | schemas.DocumentIn], collection: str = "default"
@@ -199,16 +212,17 @@ class AsyncSearchClient(_Calls):
         raise AssertionError("unreachable")
 
     async def search(
-        self, query: str, k: int = 10, collection: str = "default", group_by: str = "passage"
+        self, query: str, k: int = 10, collection: str = "default", **options: Any
     ) -> schemas.SearchResponse:
-        body = {"query": query, "k": k, "group_by": group_by}
+        """Search; ``options``: mode, filter, fusion, alpha, group_by, passages_per_document, offset."""
+        body = {"query": query, "k": k, **options}
         data = await self._request("POST", self._path(collection, "/search"), json=body)
         return schemas.SearchResponse.model_validate(data)
 
     async def search_batch(
-        self, queries: list[str], k: int = 10, collection: str = "default", group_by: str = "passage"
+        self, queries: list[str], k: int = 10, collection: str = "default", **options: Any
     ) -> list[schemas.SearchResponse]:
-        body = {"queries": list(queries), "k": k, "group_by": group_by}
+        body = {"queries": list(queries), "k": k, **options}
         data = await self._request("POST", self._path(collection, "/search/batch"), json=body)
         return schemas.BatchSearchResponse.model_validate(data).responses
 

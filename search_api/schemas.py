@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION
+
 _EXAMPLE_HIT = {
     "id": "<dbpedia:Oceanic_Airlines>",
     "passage_id": 17,
@@ -23,28 +25,69 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SearchRequest(_Strict):
-    query: str = Field(..., min_length=1, description="free text; encoded with the collection's query prompt")
+class SearchOptionsIn(_Strict):
     k: int = Field(10, ge=1, description="how many results, 1..server.max_k (1000 by default)")
+    mode: Literal["dense", "lexical", "hybrid"] = Field("dense", description="vectors, BM25, or both fused")
+    filter: dict[str, Any] | None = Field(
+        None, description="metadata filter: $eq $ne $in $nin $gt $gte $lt $lte $exists $and $or"
+    )
+    fusion: Literal["rrf", "minmax"] = Field(
+        DEFAULT_FUSION, description="hybrid: reciprocal rank or min-max normalised score fusion"
+    )
+    alpha: float = Field(DEFAULT_ALPHA, ge=0.0, le=1.0, description="minmax fusion: weight of the dense score")
     group_by: Literal["passage", "document"] = Field(
         "passage", description="'document' returns each document once, by its best passage"
     )
+    passages_per_document: int = Field(1, ge=1, le=20, description="with group_by=document: passages per document")
+    offset: int = Field(0, ge=0, le=10_000, description="results to skip, for paging")
+
+
+class SearchRequest(SearchOptionsIn):
+    query: str = Field(..., min_length=1, description="free text; encoded with the collection's query prompt")
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"query": "fictional airline in the TV show Lost", "k": 5}]},
+        json_schema_extra={
+            "examples": [
+                {"query": "fictional airline in the TV show Lost", "k": 5},
+                {
+                    "query": "guitar tuning",
+                    "k": 10,
+                    "mode": "hybrid",
+                    "filter": {"year": {"$gte": 2020}},
+                    "group_by": "document",
+                    "passages_per_document": 2,
+                    "offset": 10,
+                },
+            ]
+        },
     )
 
 
-class BatchSearchRequest(_Strict):
+class SimilarRequest(SearchOptionsIn):
+    id: str | None = Field(None, description="a stored document: its passage vectors are used, not re-encoded")
+    text: str | None = Field(None, min_length=1, description="or a text, encoded like a passage")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"id": "<dbpedia:Oceanic_Airlines>", "k": 5, "group_by": "document"}]},
+    )
+
+
+class BatchSearchRequest(SearchOptionsIn):
     queries: list[str] = Field(..., min_length=1, description="encoded together in one batch")
-    k: int = Field(10, ge=1)
-    group_by: Literal["passage", "document"] = "passage"
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"queries": ["guitar chord tuning", "B. F. Skinner"], "k": 3}]},
     )
+
+
+class PassageHit(BaseModel):
+    passage_id: int
+    score: float
+    ordinal: int
+    text: str
 
 
 class Hit(BaseModel):
@@ -54,6 +97,9 @@ class Hit(BaseModel):
     title: str | None
     text: str = Field(..., description="the passage text")
     metadata: dict[str, Any]
+    passages: list[PassageHit] | None = Field(
+        None, description="with group_by=document and passages_per_document > 1: the document's best passages"
+    )
 
     model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE_HIT]})
 

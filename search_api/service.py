@@ -22,7 +22,8 @@ from indexer.encoder import Encoder
 from indexer.pipeline import encoder_for_collection, ingest_documents
 from indexer.settings import Settings, snapshot_dir
 from search_api import schemas
-from storage.collection import Collection, Document, Hit, collection_dir, list_collections
+from search_api.retrieval import Result, Retriever, SearchOptions
+from storage.collection import Collection, Document, collection_dir, list_collections
 from storage.errors import (
     ConflictError,
     InvalidInputError,
@@ -236,30 +237,52 @@ class SearchService:
                 f"query has {len(query)} characters; the limit is {self.settings.server.max_query_chars}"
             )
 
-    def search(self, name: str, query: str, k: int = 10, group_by: str = "passage") -> schemas.SearchResponse:
-        return self.search_batch(name, [query], k, group_by).responses[0]
+    def _options(self, query: str, options: schemas.SearchOptionsIn) -> SearchOptions:
+        self._check_k(options.k)
+        fields = options.model_dump(include=set(SearchOptions.__dataclass_fields__) - {"query"})
+        return SearchOptions(query=query, **fields)
 
-    def search_batch(
-        self, name: str, queries: list[str], k: int = 10, group_by: str = "passage"
-    ) -> schemas.BatchSearchResponse:
-        self._check_k(k)
-        if len(queries) > self.settings.server.max_batch_queries:
+    def _retriever(self, collection: Collection, mode: str) -> Retriever:
+        encoder = None if mode == "lexical" else self._encoder_for(collection)
+        return Retriever(collection, encoder, observe_encode=self._observe_encode)
+
+    def search(self, name: str, request: schemas.SearchRequest) -> schemas.SearchResponse:
+        batch = schemas.BatchSearchRequest(queries=[request.query], **request.model_dump(exclude={"query"}))
+        return self.search_batch(name, batch).responses[0]
+
+    def search_batch(self, name: str, request: schemas.BatchSearchRequest) -> schemas.BatchSearchResponse:
+        if len(request.queries) > self.settings.server.max_batch_queries:
             raise InvalidInputError(
-                f"{len(queries)} queries in one batch; the limit is {self.settings.server.max_batch_queries}"
+                f"{len(request.queries)} queries in one batch; the limit is {self.settings.server.max_batch_queries}"
             )
-        for query in queries:
+        for query in request.queries:
             self._check_query(query)
+        batch = [self._options(q, request) for q in request.queries]
         collection = self.collection(name)
-        encoder = self._encoder_for(collection)
+        retriever = self._retriever(collection, request.mode)
         started = time.perf_counter()
-        vectors = self._encode_queries(encoder, queries)
-        found = collection.search_documents(vectors, k) if group_by == "document" else collection.search(vectors, k)
+        found = retriever.search_many(batch)
         took_ms = (time.perf_counter() - started) * 1000
         responses = [
-            schemas.SearchResponse(results=[_hit(h) for h in hits], took_ms=round(took_ms / len(queries), 3))
-            for hits in found
+            schemas.SearchResponse(results=[_hit(r) for r in results], took_ms=round(took_ms / len(batch), 3))
+            for results in found
         ]
         return schemas.BatchSearchResponse(responses=responses, took_ms=round(took_ms, 3))
+
+    def similar(self, name: str, request: schemas.SimilarRequest) -> schemas.SearchResponse:
+        if (request.id is None) == (request.text is None):
+            raise InvalidInputError("give exactly one of 'id' (a stored document) or 'text'")
+        if request.text is not None:
+            self._check_query(request.text)
+        collection = self.collection(name)
+        retriever = Retriever(
+            collection, self._encoder_for(collection) if request.text else None, observe_encode=self._observe_encode
+        )
+        options = self._options(request.text or "", request)
+        started = time.perf_counter()
+        results = retriever.similar(options, document_id=request.id)
+        took_ms = (time.perf_counter() - started) * 1000
+        return schemas.SearchResponse(results=[_hit(r) for r in results], took_ms=round(took_ms, 3))
 
     # -- documents ---------------------------------------------------------------------------------------
 
@@ -373,12 +396,20 @@ class SearchService:
         )
 
 
-def _hit(h: Hit) -> schemas.Hit:
+def _hit(result: Result) -> schemas.Hit:
+    h = result.hit
+    passages = None
+    if len(result.passages) > 1:
+        passages = [
+            schemas.PassageHit(passage_id=p.passage_id, score=p.score, ordinal=p.ordinal, text=p.text)
+            for p in result.passages
+        ]
     return schemas.Hit(
         id=h.document_id,
         passage_id=h.passage_id,
-        score=h.score,
+        score=result.score,
         title=h.title,
         text=h.text,
         metadata=h.metadata,
+        passages=passages,
     )

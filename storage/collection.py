@@ -43,7 +43,7 @@ from storage.errors import (
     ModelMismatchError,
     NotFoundError,
 )
-from storage.filters import compile_filter
+from storage.filters import KEY, compile_filter
 from storage.locking import ReadWriteLock, WriterLock
 from storage.vector_index import INDEX_TYPE, Stamp, VectorIndex
 
@@ -51,7 +51,41 @@ log = logging.getLogger(__name__)
 
 DB_FILE = "collection.db"
 LOCK_FILE = "write.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: passages_fts (FTS5, BM25) kept in step with passages by triggers
+FTS_SCHEMA = [
+    # porter stemming over unicode61 tokens: the usual English BM25 setup
+    "CREATE VIRTUAL TABLE passages_fts USING fts5(title, text, tokenize = 'porter unicode61 remove_diacritics 2')",
+    """CREATE TRIGGER passages_fts_insert AFTER INSERT ON passages BEGIN
+         INSERT INTO passages_fts(rowid, title, text)
+         VALUES (new.id, (SELECT title FROM documents WHERE id = new.document_id), new.text);
+       END""",
+    """CREATE TRIGGER passages_fts_delete AFTER DELETE ON passages BEGIN
+         DELETE FROM passages_fts WHERE rowid = old.id;
+       END""",
+]
+TOKEN = re.compile(r"\w+")
+# metadata fields indexed on demand (index_field): one row per scalar value or list element, kept by triggers
+_FIELD_PATH = "'$.\"' || f.field || '\"'"
+_INDEX_ROWS = f"""SELECT f.field, j.value, json_type(new.metadata, {_FIELD_PATH}) = 'array', new.id
+       FROM indexed_fields f, json_each(new.metadata, {_FIELD_PATH}) j
+       WHERE json_type(new.metadata, {_FIELD_PATH}) != 'object' AND j.type NOT IN ('object', 'array', 'null')"""
+METADATA_INDEX_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS indexed_fields (field TEXT PRIMARY KEY)",
+    """CREATE TABLE IF NOT EXISTS metadata_index (
+         field TEXT NOT NULL, value, from_list INTEGER NOT NULL, document_id TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS metadata_index_lookup ON metadata_index(field, value)",
+    "CREATE INDEX IF NOT EXISTS metadata_index_document ON metadata_index(document_id)",
+    f"""CREATE TRIGGER IF NOT EXISTS metadata_index_insert AFTER INSERT ON documents BEGIN
+         INSERT INTO metadata_index (field, value, from_list, document_id) {_INDEX_ROWS};
+       END""",
+    f"""CREATE TRIGGER IF NOT EXISTS metadata_index_update AFTER UPDATE OF metadata ON documents BEGIN
+         DELETE FROM metadata_index WHERE document_id = old.id;
+         INSERT INTO metadata_index (field, value, from_list, document_id) {_INDEX_ROWS};
+       END""",
+    """CREATE TRIGGER IF NOT EXISTS metadata_index_delete AFTER DELETE ON documents BEGIN
+         DELETE FROM metadata_index WHERE document_id = old.id;
+       END""",
+]
 STORAGE_VERSION = "0.1.0"
 _SQL_CHUNK = 900  # stay under SQLite's bound-parameter limit on old builds
 _READ_ATTEMPTS = 20
@@ -227,6 +261,8 @@ class Collection:
             )
             db.execute("CREATE INDEX passages_by_document ON passages(document_id, ordinal)")
             db.execute("CREATE TABLE deletions (seq INTEGER PRIMARY KEY AUTOINCREMENT, passage_id INTEGER NOT NULL)")
+            for statement in FTS_SCHEMA:
+                db.execute(statement)
             db["manifest"].insert(asdict(manifest))
         collection._index = VectorIndex.empty(manifest.dim, use_gpu=False)
         collection._stamp = Stamp(max_passage_id=0, deletion_seq=0, ntotal=0, dim=manifest.dim)
@@ -254,6 +290,7 @@ class Collection:
         known = {f.name for f in fields(Manifest)}
         stored = {k: v for k, v in rows[0].items() if k in known}
         probe.manifest = Manifest(**{**stored, "normalized": bool(stored["normalized"])})
+        probe._migrate()
         probe._load_index()
         return probe
 
@@ -470,7 +507,98 @@ class Collection:
             ]
         return Document(row["id"], row["title"], row["text"], json.loads(row["metadata"])), passages
 
-    def search(self, query_vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def _migrate(self) -> None:
+        """Bring an older collection up to SCHEMA_VERSION (v1 -> v2: build the FTS5 index from its passages)."""
+        if self.manifest.schema_version >= SCHEMA_VERSION:
+            return
+        with self._writer.hold():  # no replay: the index is not loaded yet
+            db = self._db
+            with db.atomic():
+                for statement in FTS_SCHEMA:
+                    db.execute(statement)
+                db.execute(
+                    """INSERT INTO passages_fts(rowid, title, text)
+                       SELECT p.id, d.title, p.text FROM passages p JOIN documents d ON d.id = p.document_id"""
+                )
+                db.execute("UPDATE manifest SET schema_version = ?", [SCHEMA_VERSION])
+        log.info("migrated %s to schema %d (lexical index built)", self.path, SCHEMA_VERSION)
+        self.manifest = Manifest(**{**asdict(self.manifest), "schema_version": SCHEMA_VERSION})
+
+    def indexed_fields(self) -> frozenset[str]:
+        """Metadata fields with an index (``index_field``); filters on them use it."""
+        if not self._db["indexed_fields"].exists():
+            return frozenset()
+        return frozenset(r[0] for r in self._db.execute("SELECT field FROM indexed_fields"))
+
+    def index_field(self, field_name: str) -> int:
+        """Index a metadata field so filters on it need not scan every document; returns the rows indexed.
+
+        The index is kept in step with every write by SQLite triggers, whichever process writes.
+        """
+        if not KEY.match(field_name):
+            raise InvalidInputError(f"invalid metadata field name {field_name!r}: use letters, digits, '_' and '-'")
+        with self.writing():
+            db = self._db
+            with db.atomic():
+                for statement in METADATA_INDEX_SCHEMA:
+                    db.execute(statement)
+                if db.execute("SELECT 1 FROM indexed_fields WHERE field = ?", [field_name]).fetchone():
+                    return 0
+                db.execute("INSERT INTO indexed_fields (field) VALUES (?)", [field_name])
+                path = f'$."{field_name}"'
+                cursor = db.execute(
+                    """INSERT INTO metadata_index (field, value, from_list, document_id)
+                       SELECT ?, j.value, json_type(d.metadata, ?) = 'array', d.id
+                       FROM documents d, json_each(d.metadata, ?) j
+                       WHERE json_type(d.metadata, ?) != 'object' AND j.type NOT IN ('object', 'array', 'null')""",
+                    [field_name, path, path, path],
+                )
+                return cursor.rowcount
+
+    def _allowed_ids(self, where: dict) -> np.ndarray:
+        """Passage ids whose document matches the metadata filter ``where`` (parameterised SQL)."""
+        sql, params = compile_filter(where, self.indexed_fields())
+        rows = self._db.execute(
+            f"SELECT p.id FROM passages p JOIN documents ON documents.id = p.document_id WHERE {sql}", params
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype="int64", count=len(rows))
+
+    def search_lexical(self, query: str, k: int = 10, where: dict | None = None) -> list[Hit]:
+        """Top-k passages by BM25 (FTS5) over title and text; any query word may match. Score: -bm25."""
+        words = TOKEN.findall(query)
+        if not words:
+            return []
+        match = " OR ".join('"' + w.replace('"', '""') + '"' for w in dict.fromkeys(words))
+        sql = "SELECT rowid, -bm25(passages_fts) AS score FROM passages_fts WHERE passages_fts MATCH ?"
+        params: list = [match]
+        if where is not None:
+            filter_sql, filter_params = compile_filter(where, self.indexed_fields())
+            sql += (
+                " AND rowid IN (SELECT p.id FROM passages p JOIN documents ON documents.id = p.document_id"
+                f" WHERE {filter_sql})"
+            )
+            params += filter_params
+        sql += " ORDER BY bm25(passages_fts) LIMIT ?"
+        params.append(int(k))
+        db = self._db
+        with db.atomic():
+            ranked = db.execute(sql, params).fetchall()
+            rows = self._passage_rows({r[0] for r in ranked})
+        return [self._hit(rows[pid], float(score)) for pid, score in ranked if pid in rows]
+
+    def passage_vectors(self, document_id: str) -> np.ndarray:
+        """The stored vectors of a document's passages (no re-encoding), in passage order."""
+        blobs = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT vector FROM passages WHERE document_id = ? ORDER BY ordinal", [document_id]
+            )
+        ]
+        if not blobs:
+            raise NotFoundError(f"no document with id {document_id!r} in collection {self.name}")
+        return self._vectors(blobs)
+
+    def search(self, query_vectors: np.ndarray, k: int = 10, where: dict | None = None) -> list[list[Hit]]:
         """Top-k passages per query vector, best first, from one consistent state of the collection.
 
         The rows are read in the SQLite snapshot whose high-water marks equal the index's stamp, so a
@@ -481,10 +609,11 @@ class Collection:
             db = self._db
             with db.atomic():
                 marks = self._high_water_marks()
+                allowed = self._allowed_ids(where) if where is not None else None
                 with self._view.read():
                     current = marks == (self._stamp.max_passage_id, self._stamp.deletion_seq)
                     if current:
-                        scores, ids = self._index.search(query_vectors, k)
+                        scores, ids = self._index.search(query_vectors, k, allowed)
                 if current:
                     rows = self._passage_rows({int(i) for i in ids.ravel() if i >= 0})
                     return [
@@ -493,27 +622,6 @@ class Collection:
                     ]
             self._replay()
         raise CollectionBusyError(f"collection {self.name} changed on every read attempt; retry the search")
-
-    def search_documents(self, query_vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """Top-k documents per query, each represented by its best passage (max-passage scoring).
-
-        Fetches passages in growing rounds until k distinct documents are found or the index is exhausted,
-        so the result is exact for an exact index.
-        """
-        query_vectors = self._check_vectors(np.atleast_2d(query_vectors), "query vectors")
-        results: list[list[Hit]] = []
-        for query in query_vectors:
-            fetch = max(k * 2, 20)
-            while True:
-                hits = self.search(query[None, :], fetch)[0]
-                best: dict[str, Hit] = {}
-                for hit in hits:
-                    best.setdefault(hit.document_id, hit)
-                if len(best) >= k or fetch >= self._index.ntotal:
-                    break
-                fetch *= 4
-            results.append(list(best.values())[:k])
-        return results
 
     def _passage_rows(self, ids: set[int]) -> dict[int, dict]:
         rows: dict[int, dict] = {}
@@ -640,7 +748,7 @@ class Collection:
         Returns how many documents existed and were deleted.
         """
         document_ids = list(dict.fromkeys(document_ids))
-        condition = compile_filter(where) if where is not None else None
+        condition = compile_filter(where, self.indexed_fields()) if where is not None else None
         with self._exclusive():
             db = self._db
             with db.atomic():
@@ -671,5 +779,6 @@ class Collection:
             "documents": self.count_documents(),
             "passages": self.count_passages(),
             "index_vectors": self.index_size,
+            "indexed_fields": sorted(self.indexed_fields()),
             "index_on_gpu": self.on_gpu,
         }

@@ -26,9 +26,10 @@ Scalar = (str, int, float, bool, type(None))
 
 
 class _Compiler:
-    def __init__(self) -> None:
+    def __init__(self, indexed: frozenset[str] = frozenset()) -> None:
         self.params: list[Any] = []
         self.clauses = 0
+        self.indexed = indexed
 
     def _count(self) -> None:
         self.clauses += 1
@@ -72,8 +73,29 @@ class _Compiler:
                 raise InvalidInputError(
                     f"unknown operator {op!r} on {key!r}; use one of {', '.join(sorted(FIELD_OPERATORS))}"
                 )
-            parts.append(self.operator(path, key, op, value))
+            if key in self.indexed and op in ("$eq", "$in", *COMPARE) and value is not None:
+                parts.append(self.indexed_operator(key, op, value))
+            else:
+                parts.append(self.operator(path, key, op, value))
         return " AND ".join(parts) if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+
+    def indexed_operator(self, key: str, op: str, value: Any) -> str:
+        """The same test through ``metadata_index`` (one row per scalar value, or per element of a list)."""
+        lookup = "documents.id IN (SELECT document_id FROM metadata_index WHERE field = ? AND "
+        if op in ("$eq", "$in"):
+            values = [value] if op == "$eq" else value
+            if op == "$in" and (not isinstance(value, list) or not value or len(value) > MAX_LIST):
+                raise InvalidInputError(f"$in on {key!r} takes a non-empty list of at most {MAX_LIST} values")
+            values = [self._scalar(key, op, v) for v in values]
+            self.params.extend([key, *values])
+            return lookup + f"value IN ({','.join('?' * len(values))}))"
+        value = self._scalar(key, op, value)
+        if isinstance(value, bool):
+            raise InvalidInputError(f"{op} on {key!r} compares numbers or strings, not {value!r}")
+        types = ("integer", "real") if isinstance(value, (int, float)) else ("text", "text")
+        self.params.extend([key, *types, value])
+        # ranges never look inside lists, as on the unindexed path
+        return lookup + f"from_list = 0 AND typeof(value) IN (?, ?) AND value {COMPARE[op]} ?)"
 
     def _scalar(self, key: str, op: str, value: Any) -> Any:
         if not isinstance(value, Scalar):
@@ -117,8 +139,11 @@ class _Compiler:
         return f"(json_type(documents.metadata, ?) IN (?, ?) AND json_extract(documents.metadata, ?) {COMPARE[op]} ?)"
 
 
-def compile_filter(filter_: dict) -> tuple[str, list[Any]]:
-    """``(sql, params)``: a boolean SQL expression over the ``documents`` row, and its bound parameters."""
-    compiler = _Compiler()
+def compile_filter(filter_: dict, indexed: frozenset[str] = frozenset()) -> tuple[str, list[Any]]:
+    """``(sql, params)``: a boolean SQL expression over the ``documents`` row, and its bound parameters.
+
+    Fields in ``indexed`` (see ``Collection.index_field``) are looked up in ``metadata_index`` instead.
+    """
+    compiler = _Compiler(indexed)
     sql = compiler.node(filter_, depth=1)
     return sql, compiler.params

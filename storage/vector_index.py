@@ -27,6 +27,48 @@ from storage.errors import FaissNotInstalledError
 log = logging.getLogger(__name__)
 
 INDEX_TYPE = "IDMap2,Flat"
+GPU_MAX_K = 2048  # the largest k FAISS GPU flat search accepts
+EXACT_SUBSET_MAX = 65_536  # below this many matches, filtered GPU search is brute force over the matches
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best ``scores`` (descending) and their ``ids``."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    best = np.take_along_axis(part, order, axis=1)
+    return np.take_along_axis(scores, best, axis=1).astype("float32"), ids[best]
+
+
+def filtered_search(
+    search,
+    exact_subset,
+    queries: np.ndarray,
+    k: int,
+    allowed: np.ndarray,
+    total: int,
+    max_fetch: int,
+    exact_below: int = EXACT_SUBSET_MAX,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k among ``allowed`` ids with a search that cannot filter (GPU): exact when few, else over-fetch.
+
+    Over-fetching starts at twice the expected need given the selectivity and grows 4x until every query has
+    k allowed hits; when that would pass ``max_fetch`` it falls back to the exact search over the allowed ids.
+    """
+    if len(allowed) <= exact_below:
+        return exact_subset(queries, k, allowed)
+    fetch = min(total, max_fetch, max(4 * k, int(2 * k * total / len(allowed))))
+    while True:
+        scores, ids = search(queries, fetch)
+        keep = np.isin(ids, allowed)
+        if (keep.sum(axis=1) >= k).all():
+            out_scores = np.stack([s[m][:k] for s, m in zip(scores, keep)])
+            out_ids = np.stack([i[m][:k] for i, m in zip(ids, keep)])
+            return out_scores, out_ids
+        if fetch >= min(total, max_fetch):
+            return exact_subset(queries, k, allowed)
+        fetch = min(total, max_fetch, fetch * 4)
 
 
 def import_faiss():
@@ -121,15 +163,36 @@ class VectorIndex:
             self._gpu = None
         return removed
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k by inner product: (scores, ids), ids -1 where fewer than k vectors exist."""
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by inner product: (scores, ids), ids -1 where fewer than k vectors exist.
+
+        ``allowed`` restricts the result to those ids (a metadata filter). On the CPU that is a FAISS
+        ``IDSelector``; GPU indexes ignore selectors, so there :func:`filtered_search` searches exactly over the
+        allowed vectors when they are few and over-fetches adaptively otherwise, never missing a match.
+        """
         queries = np.ascontiguousarray(queries, dtype="float32")
+        n = len(queries)
         with self._lock:
-            k = max(1, min(k, self._cpu.ntotal)) if self._cpu.ntotal else 1
-            if self._cpu.ntotal == 0:
-                n = len(queries)
-                return np.full((n, k), -np.inf, dtype="float32"), np.full((n, k), -1, dtype="int64")
-            return self._searcher().search(queries, k)
+            total = self._cpu.ntotal
+            limit = total if allowed is None else min(total, len(allowed))
+            if limit == 0:
+                return np.full((n, 1), -np.inf, dtype="float32"), np.full((n, 1), -1, dtype="int64")
+            k = max(1, min(k, limit))
+            if allowed is None:
+                return self._searcher().search(queries, k)
+            allowed = np.asarray(allowed, dtype="int64")
+            if not self._use_gpu:
+                faiss = import_faiss()
+                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+                return self._cpu.search(queries, k, params=params)
+            return filtered_search(
+                self._searcher().search, self._exact_subset, queries, k, allowed, total, max_fetch=GPU_MAX_K
+            )
+
+    def _exact_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the allowed vectors only (reconstructed from the CPU copy)."""
+        vectors = self._cpu.reconstruct_batch(allowed)
+        return top_k(queries @ vectors.T, allowed, k)
 
     def _searcher(self):
         if not self._use_gpu:

@@ -117,7 +117,12 @@ ERROR_CASES = [
     ("POST", "/collections/default/search", {"query": "   "}, 400, "query is empty"),
     ("POST", "/collections/default/search", {"query": "x" * 5000}, 400, "the limit is 4096"),
     ("POST", "/collections/default/search", {"qurey": "x"}, 422, "query: Field required"),
-    ("POST", "/collections/default/search", {"query": "x", "mode": "fuzzy"}, 422, "mode: Extra inputs"),
+    ("POST", "/collections/default/search", {"query": "x", "moed": "dense"}, 422, "moed: Extra inputs"),
+    ("POST", "/collections/default/search", {"query": "x", "mode": "fuzzy"}, 422, "mode: Input should be 'dense'"),
+    ("POST", "/collections/default/search", {"query": "x", "filter": {"y": {"$regex": "a"}}}, 400, "unknown operator"),
+    ("POST", "/collections/default/search", {"query": "x", "filter": {"a'--": 1}}, 400, "invalid metadata field"),
+    ("POST", "/collections/default/similar", {"k": 3}, 400, "exactly one of 'id'"),
+    ("POST", "/collections/default/similar", {"id": "nope"}, 404, "no document with id 'nope'"),
     ("POST", "/collections/default/search/batch", {"queries": []}, 422, "queries: List should have"),
     ("POST", "/collections/bad$name/search", {"query": "x"}, 400, "invalid collection name"),
     (

@@ -156,10 +156,3 @@ def test_collection_names_are_checked(tmp_path):
     for bad in ["../escape", "", ".hidden", "a/b", "x" * 65]:
         with pytest.raises(InvalidInputError, match="invalid collection name"):
             collection_dir(tmp_path, bad)
-
-
-def test_search_documents_returns_each_document_once_by_its_best_passage(collection):
-    add(collection, "long", seed=1, passages=30)
-    add(collection, "short", seed=2)
-    hits = collection.search_documents(unit(2), k=2)[0]
-    assert [h.document_id for h in hits] == ["short", "long"]

@@ -78,8 +78,9 @@ FILTER_CASES = [
 ]
 
 
+@pytest.mark.parametrize("indexed", [False, True], ids=["scan", "indexed"])
 @pytest.mark.parametrize("where, expected", FILTER_CASES, ids=[json.dumps(c[0]) for c in FILTER_CASES])
-def test_delete_by_metadata_filter(tmp_path, where, expected):
+def test_delete_by_metadata_filter(tmp_path, where, expected, indexed):
     docs = [
         ("a", {"year": 2020, "lang": "en", "tags": ["road"]}),
         ("b", {"year": 2021, "lang": "fr", "tags": ["road", "rail"]}),
@@ -87,6 +88,9 @@ def test_delete_by_metadata_filter(tmp_path, where, expected):
         ("d", {"year": "1999"}),
     ]
     with small_collection(tmp_path / "c", docs) as collection:
+        if indexed:
+            for field_name in ("year", "lang", "tags"):
+                collection.index_field(field_name)
         assert collection.delete(where=where) == len(expected)
         remaining = {h.document_id for h in collection.search(np.ones((1, DIM), dtype="float32"), k=10)[0]}
         assert remaining == {"a", "b", "c", "d"} - expected

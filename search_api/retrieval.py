@@ -1,0 +1,158 @@
+"""From a query to ranked results: dense, lexical or hybrid, filtered, per passage or per document, paged.
+
+Used by the HTTP service and by the CLI's in-process search and eval, so both rank identically.
+Hybrid search fuses the dense and lexical lists by reciprocal rank fusion (``rrf``) or by min-max normalised
+scores (``minmax``, weighted by ``alpha`` towards dense), never by adding raw scores of different scales.
+
+>>> retriever = Retriever(collection, encoder)
+>>> retriever.search(SearchOptions(query="what is faiss", k=5, mode="hybrid", filter={"year": {"$gte": 2020}}))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from indexer.encoder import Encoder
+from storage.collection import Collection, Hit
+from storage.errors import InvalidInputError
+
+RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion
+# Measured on msmarco and dbpedia (README, Quality): min-max beats RRF on both; alpha 0.8 is best on msmarco and
+# within 0.01 of the best on dbpedia, while keeping enough lexical weight to gain on scifact.
+DEFAULT_FUSION = "minmax"
+DEFAULT_ALPHA = 0.8
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    query: str
+    k: int = 10
+    mode: str = "dense"  # dense | lexical | hybrid
+    filter: dict | None = None
+    fusion: str = DEFAULT_FUSION  # rrf | minmax
+    alpha: float = DEFAULT_ALPHA  # minmax: weight of the dense score
+    group_by: str = "passage"  # passage | document
+    passages_per_document: int = 1
+    offset: int = 0
+
+
+@dataclass
+class Result:
+    """A ranked passage, or for ``group_by='document'`` a document by its best passage (and its next best)."""
+
+    hit: Hit
+    score: float
+    passages: list[Hit] = field(default_factory=list)
+
+
+def rrf(lists: list[list[Hit]], weights: list[float] | None = None) -> list[tuple[Hit, float]]:
+    """Reciprocal rank fusion: score(p) = sum over lists of weight / (60 + rank)."""
+    scores: dict[int, float] = {}
+    hits: dict[int, Hit] = {}
+    for ranked, weight in zip(lists, weights or [1.0] * len(lists)):
+        for rank, hit in enumerate(ranked, start=1):
+            scores[hit.passage_id] = scores.get(hit.passage_id, 0.0) + weight / (RRF_K + rank)
+            hits.setdefault(hit.passage_id, hit)
+    return sorted(((hits[p], s) for p, s in scores.items()), key=lambda pair: -pair[1])
+
+
+def minmax(dense: list[Hit], lexical: list[Hit], alpha: float) -> list[tuple[Hit, float]]:
+    """alpha * normalised dense score + (1 - alpha) * normalised lexical score; absent from a list counts 0."""
+
+    def normalised(ranked: list[Hit]) -> dict[int, float]:
+        if not ranked:
+            return {}
+        values = [h.score for h in ranked]
+        low, high = min(values), max(values)
+        span = high - low
+        return {h.passage_id: (h.score - low) / span if span > 0 else 1.0 for h in ranked}
+
+    d, lx = normalised(dense), normalised(lexical)
+    hits = {h.passage_id: h for h in [*dense, *lexical]}
+    fused = {p: alpha * d.get(p, 0.0) + (1 - alpha) * lx.get(p, 0.0) for p in hits}
+    return sorted(((hits[p], s) for p, s in fused.items()), key=lambda pair: -pair[1])
+
+
+class Retriever:
+    def __init__(self, collection: Collection, encoder: Encoder | None, observe_encode=None):
+        self.collection = collection
+        self.encoder = encoder
+        self._observe = observe_encode or (lambda seconds, texts: None)
+
+    def _encode_queries(self, texts: list[str]) -> np.ndarray:
+        started = time.perf_counter()
+        vectors = self.encoder.encode_queries(texts)
+        self._observe(time.perf_counter() - started, len(texts))
+        return vectors
+
+    def _check(self, options: SearchOptions) -> None:
+        if options.mode not in ("dense", "lexical", "hybrid"):
+            raise InvalidInputError(f"mode {options.mode!r} is unknown; use dense, lexical or hybrid")
+        if options.fusion not in ("rrf", "minmax"):
+            raise InvalidInputError(f"fusion {options.fusion!r} is unknown; use rrf or minmax")
+        if not 0.0 <= options.alpha <= 1.0:
+            raise InvalidInputError(f"alpha is {options.alpha}; it must be between 0 and 1")
+
+    def search(self, options: SearchOptions) -> list[Result]:
+        return self.search_many([options])[0]
+
+    def search_many(self, batch: list[SearchOptions]) -> list[list[Result]]:
+        """Several searches; their dense queries are encoded in one batch."""
+        for options in batch:
+            self._check(options)
+        dense = [o for o in batch if o.mode != "lexical"]
+        vectors = iter(self._encode_queries([o.query for o in dense]) if dense else [])
+        return [self._run(o, next(vectors) if o.mode != "lexical" else None) for o in batch]
+
+    def similar(self, options: SearchOptions, document_id: str | None = None) -> list[Result]:
+        """Nearest neighbours of a stored document (its passage vectors, averaged; no re-encode) or of a text
+        (encoded as a passage). The document itself is left out."""
+        if document_id is not None:
+            vector = self.collection.passage_vectors(document_id).mean(axis=0)
+        else:
+            vector = self.encoder.encode_passages([options.query])[0]
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        options = replace(options, mode="dense")
+        return self._run(options, vector, exclude=document_id)
+
+    def _ranked(self, options: SearchOptions, vector: np.ndarray | None, m: int) -> list[tuple[Hit, float]]:
+        dense = self.collection.search(vector[None, :], m, options.filter)[0] if vector is not None else []
+        if options.mode == "dense":
+            return [(h, h.score) for h in dense]
+        lexical = self.collection.search_lexical(options.query, m, options.filter)
+        if options.mode == "lexical":
+            return [(h, h.score) for h in lexical]
+        fused = rrf([dense, lexical]) if options.fusion == "rrf" else minmax(dense, lexical, options.alpha)
+        return fused[:m]
+
+    def _run(self, options: SearchOptions, vector: np.ndarray | None, exclude: str | None = None) -> list[Result]:
+        wanted = options.offset + options.k
+        if options.group_by == "passage":
+            m = wanted
+            while True:
+                ranked = [(h, s) for h, s in self._ranked(options, vector, m) if h.document_id != exclude]
+                if len(ranked) >= wanted or m >= self.collection.index_size:
+                    break
+                m = min(self.collection.index_size, m * 4)
+            return [Result(h, s) for h, s in ranked[options.offset : wanted]]
+        per_doc = options.passages_per_document
+        m = max(wanted * per_doc * 2, 20)
+        while True:
+            ranked = self._ranked(options, vector, m)
+            groups: dict[str, Result] = {}
+            for hit, score in ranked:
+                if hit.document_id == exclude:
+                    continue
+                group = groups.get(hit.document_id)
+                if group is None:
+                    groups[hit.document_id] = Result(hit, score, [hit])
+                elif len(group.passages) < per_doc:
+                    group.passages.append(hit)
+            exhausted = len(ranked) < m or m >= self.collection.index_size
+            if len(groups) >= wanted or exhausted:
+                break
+            m = min(self.collection.index_size, m * 4)
+        return list(groups.values())[options.offset : wanted]

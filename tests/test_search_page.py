@@ -1,0 +1,88 @@
+"""The search page in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium).
+`.ci/run` installs the browser; on a machine without it these tests are skipped with that reason."""
+
+import shutil
+
+import pytest
+
+from indexer.pipeline import ingest_paths
+
+from conftest import SHARED_DATA, cpu_settings, read_jsonl, write_jsonl
+from server import RunningServer
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)"
+)
+
+
+@pytest.fixture(scope="module")
+def browser_and_server(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    root = tmp_path_factory.mktemp("page")
+    records = read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=60)
+    for i, record in enumerate(records):
+        record["lang"] = ["en", "de"][i % 2]
+    ingest_paths([write_jsonl(root / "c.jsonl", records)], root / "data", "default", cpu_settings(), model="minilm")
+    settings = cpu_settings()
+    settings.data_dir = root / "data"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={root / 'profile'}",
+    ):
+        options.add_argument(flag)
+    with RunningServer(settings) as server:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        try:
+            yield driver, server
+        finally:
+            driver.quit()
+
+
+def run_query(driver, url, query, filter_json=None):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url + "/")
+    wait = WebDriverWait(driver, 30)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#collection option"))
+    driver.find_element(By.ID, "query").send_keys(query)
+    if filter_json:
+        driver.find_element(By.ID, "filter").send_keys(filter_json)
+    driver.find_element(By.ID, "go").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "results in"))
+    return driver.find_elements(By.CSS_SELECTOR, "li.result")
+
+
+def test_search_page_shows_ranked_results_with_highlighting(browser_and_server):
+    from selenium.webdriver.common.by import By
+
+    driver, server = browser_and_server
+    results = run_query(driver, server.url, "fictional airline")
+    assert results[0].find_element(By.CLASS_NAME, "title").text == "Oceanic Airlines"
+    marked = [m.text.lower() for m in results[0].find_elements(By.TAG_NAME, "mark")]
+    assert "airline" in marked or "airlines" in marked or "fictional" in marked
+    assert "ms on the server" in driver.find_element(By.ID, "status").text
+    assert "default" in driver.find_element(By.ID, "collection").text
+
+
+def test_search_page_applies_a_filter(browser_and_server):
+    from selenium.webdriver.common.by import By
+
+    driver, server = browser_and_server
+    results = run_query(driver, server.url, "fictional airline", '{"lang": "de"}')
+    assert results
+    assert all('"lang":"de"' in r.find_element(By.CLASS_NAME, "meta").text for r in results)
+    assert all(r.find_element(By.CLASS_NAME, "title").text != "Oceanic Airlines" for r in results)  # it is "en"
