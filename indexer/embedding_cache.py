@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ class EmbeddingCache:
         self._db = sqlite_utils.Database(conn)
         self._db.enable_wal()
         self._db["vectors"].create({"key": str, "vector": bytes}, pk="key", if_not_exists=True)
+        self._lock = threading.Lock()  # one connection, shared by the threads that encode
 
     @staticmethod
     def _key(text: str) -> str:
@@ -35,15 +37,19 @@ class EmbeddingCache:
         """``{position in texts: vector}`` for the texts already cached."""
         keys = [self._key(t) for t in texts]
         found: dict[str, np.ndarray] = {}
+        with self._lock:
+            self._fetch(keys, found)
+        return {i: found[k] for i, k in enumerate(keys) if k in found}
+
+    def _fetch(self, keys: list[str], found: dict[str, np.ndarray]) -> None:
         for i in range(0, len(keys), 900):
             chunk = keys[i : i + 900]
             marks = ",".join("?" * len(chunk))
             for key, blob in self._db.execute(f"SELECT key, vector FROM vectors WHERE key IN ({marks})", chunk):
                 found[key] = np.frombuffer(blob, dtype="float32")
-        return {i: found[k] for i, k in enumerate(keys) if k in found}
 
     def put(self, texts: list[str], vectors: np.ndarray) -> None:
-        with self._db.atomic():
+        with self._lock, self._db.atomic():
             self._db.conn.executemany(
                 "INSERT OR REPLACE INTO vectors (key, vector) VALUES (?, ?)",
                 [(self._key(t), np.asarray(v, dtype="float32").tobytes()) for t, v in zip(texts, vectors)],

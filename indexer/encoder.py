@@ -173,16 +173,17 @@ class Encoder:
         if not texts:
             return out
         todo = list(range(len(texts)))
-        if self._cache is not None:
-            cached = self._cache.get([(prompt or "") + t for t in texts])
+        cache = self._cache if bulk else None  # passages only: queries are not written to disk
+        if cache is not None:
+            cached = cache.get([(prompt or "") + t for t in texts])
             for i, vector in cached.items():
                 out[i] = vector
             todo = [i for i in todo if i not in cached]
         if todo:
             vectors = self._encode_uncached([texts[i] for i in todo], prompt, bulk)
             out[todo] = vectors
-            if self._cache is not None:
-                self._cache.put([(prompt or "") + texts[i] for i in todo], vectors)
+            if cache is not None:
+                cache.put([(prompt or "") + texts[i] for i in todo], vectors)
         return out
 
     def _encode_uncached(self, texts: list[str], prompt: str | None, bulk: bool) -> np.ndarray:

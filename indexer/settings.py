@@ -81,6 +81,14 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_document_chars: int = Field(1_000_000, ge=1, description="longer documents are rejected with 413")
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed")
+    allow_model_paths: bool = Field(
+        False, description="POST /collections may name a model folder on the server (loaded with trust_remote_code)"
+    )
+    microbatch: bool = Field(True, description="encode concurrent queries together on one thread")
+    microbatch_max: int = Field(64, ge=1, le=4096, description="most query texts in one micro-batch")
+    microbatch_window_ms: float = Field(
+        0.0, ge=0.0, le=100.0, description="extra wait for more queries; 0 takes only what is already queued"
+    )
 
 
 class Settings(_Section):

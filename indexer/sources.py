@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from storage.collection import Document
+from storage.collection import Document, metadata_to_json
 from storage.errors import InvalidInputError
 
 TEXT_SUFFIXES = {".txt", ".md"}
@@ -53,6 +53,12 @@ def _document(record: dict, where: str) -> Document:
         metadata = {**nested, **metadata}
     elif nested not in (None, "", {}):
         metadata["metadata"] = nested
+    if None in metadata:  # csv.DictReader puts the fields of a row longer than its header under None
+        raise InvalidInputError(f"{where}: the row has more fields than the header")
+    try:
+        metadata_to_json(str(doc_id), metadata)  # checked here, so a bad record rejects the ingest before any write
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{where}: {exc}") from None
     return Document(str(doc_id), title or None, text, metadata)
 
 

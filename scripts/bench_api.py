@@ -1,4 +1,5 @@
-"""Query latency through HTTP against in-process encode+search, and requests/s at 1, 8 and 32 clients.
+"""Query latency through HTTP against in-process encode+search, and requests/s at 1, 8 and 32 clients, for the
+server with query micro-batching and without it, both measured in the same run.
 
 Everything runs on loopback and stops by itself: a real `stella-search serve` process on a free 127.0.0.1 port,
 a bounded number of single queries, then a bounded duration per concurrency level. The load generator shares
@@ -120,44 +121,14 @@ def main() -> None:
             in_process.append(time.perf_counter() - started)
         collection.close()
 
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        stella = os.path.join(os.path.dirname(sys.executable), "stella-search")
-        server = subprocess.Popen(
-            [stella, "serve", "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            with httpx.Client(base_url=url, timeout=60) as http:
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        if http.get("/health").json()["status"] == "ok":
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise SystemExit("the server did not come up")
-                    time.sleep(0.2)
-                for q in queries[:10]:
-                    http.post("/collections/default/search", json={"query": q, "k": args.k})
-                through_http = []
-                for i in range(args.singles):
-                    started = time.perf_counter()
-                    response = http.post(
-                        "/collections/default/search", json={"query": queries[i % len(queries)], "k": args.k}
-                    )
-                    response.raise_for_status()
-                    through_http.append(time.perf_counter() - started)
-            levels = [
-                asyncio.run(load_level(url, queries, int(c), args.seconds, args.k)) for c in args.clients.split(",")
-            ]
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        servers = {
+            name: measure_server(data_dir, queries, args, microbatch)
+            for name, microbatch in (("unbatched", False), ("microbatched", True))
+        }
 
-    single_http, single_local = percentiles(through_http), percentiles(in_process)
+    single_local = percentiles(in_process)
+    unbatched, batched = servers["unbatched"], servers["microbatched"]
+    unbatched_rps = {level["clients"]: level["requests_per_s"] for level in unbatched["concurrency"]}
     result = {
         "benchmark": "api",
         "model": "minilm",
@@ -168,16 +139,63 @@ def main() -> None:
             "cores": os.cpu_count(),
             "note": "load generator and server share the machine",
         },
-        "single_query": {
-            "in_process_encode_plus_search": single_local,
-            "through_http": single_http,
-            "http_overhead_p50_ms": round(single_http["p50_ms"] - single_local["p50_ms"], 2),
+        "in_process_encode_plus_search": single_local,
+        **servers,
+        "ratios": {
+            "microbatched_vs_unbatched_requests_per_s": {
+                str(level["clients"]): round(level["requests_per_s"] / unbatched_rps[level["clients"]], 2)
+                for level in batched["concurrency"]
+            },
+            "single_client_p50_microbatched_vs_unbatched": round(
+                batched["single_query"]["p50_ms"] / unbatched["single_query"]["p50_ms"], 3
+            ),
+            "http_p50_vs_in_process_p50": round(batched["single_query"]["p50_ms"] / single_local["p50_ms"], 2),
         },
-        "concurrency": levels,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def measure_server(data_dir: Path, queries: list[str], args, microbatch: bool) -> dict:
+    """Start `stella-search serve` on the collection, then single queries and each concurrency level."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    stella = os.path.join(os.path.dirname(sys.executable), "stella-search")
+    env = {**os.environ, "STELLA_SEARCH_SERVER__MICROBATCH": "true" if microbatch else "false"}
+    server = subprocess.Popen(
+        [stella, "serve", "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if http.get("/health").json()["status"] == "ok":
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not come up")
+                time.sleep(0.2)
+            for q in queries[:10]:
+                http.post("/collections/default/search", json={"query": q, "k": args.k})
+            through_http = []
+            for i in range(args.singles):
+                started = time.perf_counter()
+                response = http.post(
+                    "/collections/default/search", json={"query": queries[i % len(queries)], "k": args.k}
+                )
+                response.raise_for_status()
+                through_http.append(time.perf_counter() - started)
+        levels = [asyncio.run(load_level(url, queries, int(c), args.seconds, args.k)) for c in args.clients.split(",")]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {"microbatch": microbatch, "single_query": percentiles(through_http), "concurrency": levels}
 
 
 if __name__ == "__main__":

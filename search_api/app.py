@@ -140,7 +140,9 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service = SearchService(settings, observe_encode=metrics.observe_encode)
+        service = SearchService(
+            settings, observe_encode=metrics.observe_encode, observe_batch_size=metrics.observe_batch_size
+        )
         service.start(background=load_in_background)
         app.state.service = service
         metrics.bind(service)

@@ -36,6 +36,12 @@ class Metrics:
             registry=self.registry,
         )
         self.encoded_texts = Counter("stella_encoded_texts", "texts encoded", registry=self.registry)
+        self.query_batch_size = Histogram(
+            "stella_query_batch_requests",
+            "search requests encoded together in one micro-batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
         self.texts_per_second = Gauge(
             "stella_encode_texts_per_second", "throughput of the last encoded batch", registry=self.registry
         )
@@ -55,6 +61,9 @@ class Metrics:
         self.encoded_texts.inc(texts)
         if seconds > 0:
             self.texts_per_second.set(texts / seconds)
+
+    def observe_batch_size(self, requests: int) -> None:
+        self.query_batch_size.observe(requests)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -24,6 +24,10 @@ RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion
 # within 0.01 of the best on dbpedia, while keeping enough lexical weight to gain on scifact.
 DEFAULT_FUSION = "minmax"
 DEFAULT_ALPHA = 0.8
+# Hybrid lists are fused from at least this many candidates each, whatever the page, so that the first
+# FUSION_DEPTH results rank the same on every page; deeper pages fuse deeper lists.
+FUSION_DEPTH = 100
+MAX_CANDIDATES = 10_000  # most passages one search ranks, however large k, offset and grouping
 
 
 @dataclass(frozen=True)
@@ -128,20 +132,25 @@ class Retriever:
         fused = rrf([dense, lexical]) if options.fusion == "rrf" else minmax(dense, lexical, options.alpha)
         return fused[:m]
 
+    def _ranked_at_depth(self, options: SearchOptions, vector: np.ndarray | None, m: int):
+        depth = max(m, FUSION_DEPTH) if options.mode == "hybrid" else m
+        return self._ranked(options, vector, depth)[:m]
+
     def _run(self, options: SearchOptions, vector: np.ndarray | None, exclude: str | None = None) -> list[Result]:
         wanted = options.offset + options.k
+        ceiling = max(1, min(self.collection.index_size, MAX_CANDIDATES))
         if options.group_by == "passage":
-            m = wanted
+            m = min(wanted, ceiling)
             while True:
-                ranked = [(h, s) for h, s in self._ranked(options, vector, m) if h.document_id != exclude]
-                if len(ranked) >= wanted or m >= self.collection.index_size:
+                ranked = [(h, s) for h, s in self._ranked_at_depth(options, vector, m) if h.document_id != exclude]
+                if len(ranked) >= wanted or m >= ceiling:
                     break
-                m = min(self.collection.index_size, m * 4)
+                m = min(ceiling, m * 4)
             return [Result(h, s) for h, s in ranked[options.offset : wanted]]
         per_doc = options.passages_per_document
-        m = max(wanted * per_doc * 2, 20)
+        m = min(max(wanted * per_doc * 2, 20), ceiling)
         while True:
-            ranked = self._ranked(options, vector, m)
+            ranked = self._ranked_at_depth(options, vector, m)
             groups: dict[str, Result] = {}
             for hit, score in ranked:
                 if hit.document_id == exclude:
@@ -151,8 +160,8 @@ class Retriever:
                     groups[hit.document_id] = Result(hit, score, [hit])
                 elif len(group.passages) < per_doc:
                     group.passages.append(hit)
-            exhausted = len(ranked) < m or m >= self.collection.index_size
+            exhausted = len(ranked) < m or m >= ceiling
             if len(groups) >= wanted or exhausted:
                 break
-            m = min(self.collection.index_size, m * 4)
+            m = min(ceiling, m * 4)
         return list(groups.values())[options.offset : wanted]

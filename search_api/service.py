@@ -22,8 +22,9 @@ from indexer.encoder import Encoder
 from indexer.pipeline import encoder_for_collection, ingest_documents
 from indexer.settings import Settings, snapshot_dir
 from search_api import schemas
+from search_api.batching import QueryBatcher
 from search_api.retrieval import Result, Retriever, SearchOptions
-from storage.collection import Collection, Document, collection_dir, list_collections
+from storage.collection import Collection, Document, collection_dir, list_collections, metadata_to_json
 from storage.errors import (
     ConflictError,
     InvalidInputError,
@@ -35,21 +36,25 @@ from storage.snapshots import restore_snapshot, snapshot_name, take_snapshot
 
 log = logging.getLogger(__name__)
 
+WRITE_WAIT_S = 60.0
+MODEL_PROFILES = ("stella-1.5b", "stella-400m", "minilm")
 SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CHECKPOINT_AFTER_PASSAGES = 10_000  # FAISS file rewrite cadence for API writes; SQLite already holds every vector
 
 
 class SearchService:
-    def __init__(self, settings: Settings, observe_encode=None):
+    def __init__(self, settings: Settings, observe_encode=None, observe_batch_size=None):
         self.settings = settings
         self.data_dir = settings.data_dir
         self._collections: dict[str, Collection] = {}
         self._encoders: dict[tuple, Encoder] = {}
+        self._batchers: dict[int, QueryBatcher] = {}
         self._lock = threading.RLock()
         self._ready = threading.Event()
         self._load_error: Exception | None = None
         self._unsaved: dict[str, int] = {}
         self._observe_encode = observe_encode or (lambda seconds, texts: None)
+        self._observe_batch_size = observe_batch_size or (lambda requests: None)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -77,6 +82,9 @@ class SearchService:
 
     def close(self) -> None:
         with self._lock:
+            for batcher in self._batchers.values():
+                batcher.close()
+            self._batchers.clear()
             for name, collection in self._collections.items():
                 if self._unsaved.get(name):
                     collection.checkpoint()
@@ -153,6 +161,11 @@ class SearchService:
         with self._lock:
             if request.name in self._collections or path.exists():
                 raise ConflictError(f"collection {request.name!r} already exists")
+        if request.model and request.model not in MODEL_PROFILES and not self.settings.server.allow_model_paths:
+            raise InvalidInputError(
+                f"model {request.model!r} is not a profile ({', '.join(MODEL_PROFILES)}); loading model folders "
+                "over HTTP (with trust_remote_code) needs server.allow_model_paths: true"
+            )
         settings = self.settings.model_copy(deep=True)
         settings.encoder.prompt_type = request.prompt_type
         encoder = Encoder.load(request.model or settings.encoder.model, settings, dim=request.dim)
@@ -209,8 +222,9 @@ class SearchService:
                     f"collection {request.collection!r} exists; restore into a new name (replacing a served "
                     "collection needs the CLI with the server stopped)"
                 )
-            restore_snapshot(source, target)
-            collection = Collection.open(target)
+        restore_snapshot(source, target)  # slow (checksums, integrity check): not under the service lock
+        collection = Collection.open(target)
+        with self._lock:
             self._collections[request.collection] = collection
         return self._info(collection)
 
@@ -219,8 +233,10 @@ class SearchService:
         with self._lock:
             self._collections.pop(name, None)
             self._unsaved.pop(name, None)
-        with collection._exclusive():
-            collection.close()
+        with collection.writing(WRITE_WAIT_S):
+            # requests already running finish on their open connections (unlinked files stay readable);
+            # new ones get a 404
+            collection.retire()
             shutil.rmtree(collection.path)
 
     # -- search ------------------------------------------------------------------------------------------
@@ -243,8 +259,24 @@ class SearchService:
         return SearchOptions(query=query, **fields)
 
     def _retriever(self, collection: Collection, mode: str) -> Retriever:
-        encoder = None if mode == "lexical" else self._encoder_for(collection)
-        return Retriever(collection, encoder, observe_encode=self._observe_encode)
+        if mode == "lexical":
+            return Retriever(collection, None)
+        encoder = self._encoder_for(collection)
+        server = self.settings.server
+        if not server.microbatch:
+            return Retriever(collection, encoder, observe_encode=self._observe_encode)
+        with self._lock:
+            batcher = self._batchers.get(id(encoder))
+            if batcher is None:
+                batcher = QueryBatcher(
+                    encoder, server.microbatch_max, server.microbatch_window_ms, observe=self._observe_batch
+                )
+                self._batchers[id(encoder)] = batcher
+        return Retriever(collection, batcher)
+
+    def _observe_batch(self, seconds: float, texts: int, requests: int) -> None:
+        self._observe_encode(seconds, texts)
+        self._observe_batch_size(requests)
 
     def search(self, name: str, request: schemas.SearchRequest) -> schemas.SearchResponse:
         batch = schemas.BatchSearchRequest(queries=[request.query], **request.model_dump(exclude={"query"}))
@@ -298,6 +330,7 @@ class SearchService:
         for doc in documents:
             if not doc.text.strip():
                 raise InvalidInputError(f"document {doc.id!r} has empty text")
+            metadata_to_json(doc.id, doc.metadata)
             if len(doc.text) > max_chars:
                 raise PayloadTooLargeError(
                     f"document {doc.id!r} has {len(doc.text)} characters; the limit is {max_chars} "
@@ -306,15 +339,18 @@ class SearchService:
         collection = self.collection(name)
         encoder = self._encoder_for(collection)
         started = time.perf_counter()
-        report = ingest_documents(
-            collection,
-            encoder,
-            [Document(d.id, d.title or None, d.text, d.metadata) for d in documents],
-            self.settings,
-            batch_documents=len(documents),
-            checkpoint=False,
-            quiet=True,
-        )
+        # classify, encode and commit under the writer lock, so a concurrent upsert of the same ids cannot change
+        # what "unchanged" meant between the two; searches are not blocked by it
+        with collection.writing(WRITE_WAIT_S):
+            report = ingest_documents(
+                collection,
+                encoder,
+                [Document(d.id, d.title or None, d.text, d.metadata) for d in documents],
+                self.settings,
+                batch_documents=len(documents),
+                checkpoint=False,
+                quiet=True,
+            )
         self._observe_encode(report.encode_seconds, report.passages_written)
         self._after_write(collection, report.passages_written + report.passages_removed)
         return schemas.UpsertResponse(

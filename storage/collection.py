@@ -26,6 +26,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -66,21 +67,21 @@ FTS_SCHEMA = [
 TOKEN = re.compile(r"\w+")
 # metadata fields indexed on demand (index_field): one row per scalar value or list element, kept by triggers
 _FIELD_PATH = "'$.\"' || f.field || '\"'"
-_INDEX_ROWS = f"""SELECT f.field, j.value, json_type(new.metadata, {_FIELD_PATH}) = 'array', new.id
+_INDEX_ROWS = f"""SELECT f.field, j.value, j.type, json_type(new.metadata, {_FIELD_PATH}) = 'array', new.id
        FROM indexed_fields f, json_each(new.metadata, {_FIELD_PATH}) j
        WHERE json_type(new.metadata, {_FIELD_PATH}) != 'object' AND j.type NOT IN ('object', 'array', 'null')"""
 METADATA_INDEX_SCHEMA = [
     "CREATE TABLE IF NOT EXISTS indexed_fields (field TEXT PRIMARY KEY)",
     """CREATE TABLE IF NOT EXISTS metadata_index (
-         field TEXT NOT NULL, value, from_list INTEGER NOT NULL, document_id TEXT NOT NULL)""",
+         field TEXT NOT NULL, value, kind TEXT NOT NULL, from_list INTEGER NOT NULL, document_id TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS metadata_index_lookup ON metadata_index(field, value)",
     "CREATE INDEX IF NOT EXISTS metadata_index_document ON metadata_index(document_id)",
     f"""CREATE TRIGGER IF NOT EXISTS metadata_index_insert AFTER INSERT ON documents BEGIN
-         INSERT INTO metadata_index (field, value, from_list, document_id) {_INDEX_ROWS};
+         INSERT INTO metadata_index (field, value, kind, from_list, document_id) {_INDEX_ROWS};
        END""",
     f"""CREATE TRIGGER IF NOT EXISTS metadata_index_update AFTER UPDATE OF metadata ON documents BEGIN
          DELETE FROM metadata_index WHERE document_id = old.id;
-         INSERT INTO metadata_index (field, value, from_list, document_id) {_INDEX_ROWS};
+         INSERT INTO metadata_index (field, value, kind, from_list, document_id) {_INDEX_ROWS};
        END""",
     """CREATE TRIGGER IF NOT EXISTS metadata_index_delete AFTER DELETE ON documents BEGIN
          DELETE FROM metadata_index WHERE document_id = old.id;
@@ -116,7 +117,24 @@ def list_collections(data_dir: Path | str) -> list[str]:
 
 
 def _metadata_json(metadata: dict) -> str:
-    return json.dumps(metadata, sort_keys=True, ensure_ascii=False)
+    return json.dumps(metadata, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
+def metadata_to_json(document_id: str, metadata) -> str:
+    """The stored form of a document's metadata, or an InvalidInputError saying what is wrong with it."""
+    where = f"document {document_id!r}"
+    if not isinstance(metadata, dict):
+        raise InvalidInputError(f"{where}: metadata must be an object, not {type(metadata).__name__}")
+    for key in metadata:
+        if not isinstance(key, str) or not key or key.startswith("$"):
+            raise InvalidInputError(
+                f"{where}: metadata key {key!r} is not allowed: keys must be non-empty strings not starting "
+                "with '$' (reserved for filter operators)"
+            )
+    try:
+        return _metadata_json(metadata)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{where}: metadata must be plain JSON without NaN or Infinity ({exc})") from None
 
 
 def _now() -> str:
@@ -204,8 +222,10 @@ class Collection:
         self.path = Path(path)
         self.manifest = manifest
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        # per-thread connections; a finished thread's wrapper is collected and its connection closes with it
+        self._databases: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
         self._connections_lock = threading.Lock()
+        self._closed = False
         self._view = ReadWriteLock()  # searches read the index; replays change it
         self._apply_lock = threading.Lock()  # one replay or checkpoint at a time
         self._writer = WriterLock(self.path / LOCK_FILE, self.path.name)
@@ -390,9 +410,16 @@ class Collection:
         self._replay()
 
     def checkpoint(self) -> None:
-        """Write the FAISS index to disk, stamped with what it contains."""
-        with self._apply_lock:
-            self._stamp = self._index.save(self.path, self._stamp)
+        """Write the FAISS index to disk, stamped with what it contains.
+
+        Under the writer lock, so two processes never interleave the two files; skipped when another process
+        is writing (the checkpoint only saves replay time: SQLite already holds everything).
+        """
+        try:
+            with self._writer.hold(wait=0), self._apply_lock:
+                self._stamp = self._index.save(self.path, self._stamp)
+        except CollectionBusyError:
+            log.debug("checkpoint of %s skipped: another process is writing it", self.path)
 
     def checkpoint_to(self, directory: Path) -> None:
         """Write the index and its stamp into another directory (a snapshot being taken)."""
@@ -403,6 +430,8 @@ class Collection:
 
     @property
     def _db(self) -> sqlite_utils.Database:
+        if self._closed:
+            raise NotFoundError(f"collection {self.path.name} was closed or deleted")
         db = getattr(self._local, "db", None)
         if db is None:
             conn = sqlite3.connect(self.path / DB_FILE, timeout=30, check_same_thread=False)
@@ -412,14 +441,19 @@ class Collection:
             db = sqlite_utils.Database(conn)
             self._local.db = db
             with self._connections_lock:
-                self._connections.append(conn)
+                self._databases.add(db)
         return db
 
+    def retire(self) -> None:
+        """Refuse new reads and writes; requests already running finish on their open connections."""
+        self._closed = True
+
     def close(self) -> None:
+        self._closed = True
         with self._connections_lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+            for db in list(self._databases):
+                db.conn.close()
+            self._databases = weakref.WeakSet()
         self._local = threading.local()
 
     def __enter__(self) -> Collection:
@@ -489,7 +523,7 @@ class Collection:
         """(content unchanged, metadata unchanged) of ``doc`` against its stored state."""
         if state is None:
             return False, False
-        return state[0] == content_hash(doc.title, doc.text), state[1] == _metadata_json(doc.metadata)
+        return state[0] == content_hash(doc.title, doc.text), state[1] == metadata_to_json(doc.id, doc.metadata)
 
     def get(self, document_id: str) -> tuple[Document, list[Passage]]:
         """A document and its passages, in order."""
@@ -513,6 +547,10 @@ class Collection:
             return
         with self._writer.hold():  # no replay: the index is not loaded yet
             db = self._db
+            current = db.execute("SELECT schema_version FROM manifest").fetchone()[0]
+            if current >= SCHEMA_VERSION:  # another process migrated it while this one waited
+                self.manifest = Manifest(**{**asdict(self.manifest), "schema_version": current})
+                return
             with db.atomic():
                 for statement in FTS_SCHEMA:
                     db.execute(statement)
@@ -547,8 +585,8 @@ class Collection:
                 db.execute("INSERT INTO indexed_fields (field) VALUES (?)", [field_name])
                 path = f'$."{field_name}"'
                 cursor = db.execute(
-                    """INSERT INTO metadata_index (field, value, from_list, document_id)
-                       SELECT ?, j.value, json_type(d.metadata, ?) = 'array', d.id
+                    """INSERT INTO metadata_index (field, value, kind, from_list, document_id)
+                       SELECT ?, j.value, j.type, json_type(d.metadata, ?) = 'array', d.id
                        FROM documents d, json_each(d.metadata, ?) j
                        WHERE json_type(d.metadata, ?) != 'object' AND j.type NOT IN ('object', 'array', 'null')""",
                     [field_name, path, path, path],
@@ -617,7 +655,7 @@ class Collection:
                 if current:
                     rows = self._passage_rows({int(i) for i in ids.ravel() if i >= 0})
                     return [
-                        [self._hit(rows[int(i)], float(s)) for s, i in zip(qs, qi) if i >= 0]
+                        [self._hit(rows[int(i)], float(s)) for s, i in zip(qs, qi) if int(i) in rows]
                         for qs, qi in zip(scores, ids)
                     ]
             self._replay()
@@ -680,21 +718,7 @@ class Collection:
         with_passages = {p.document_id for p in passages}
         if unknown := with_passages - set(ids):
             raise InvalidInputError(f"passages refer to documents not in this write: {sorted(unknown)[:5]}")
-        metadata_json = {}
-        for doc in documents:
-            if isinstance(doc.metadata, dict) and any(not k or k.startswith("$") for k in doc.metadata):
-                raise InvalidInputError(
-                    f"document {doc.id!r}: metadata keys must be non-empty and must not start with '$' "
-                    "(reserved for filter operators)"
-                )
-            if not isinstance(doc.metadata, dict):
-                raise InvalidInputError(
-                    f"document {doc.id!r}: metadata must be an object, not {type(doc.metadata).__name__}"
-                )
-            try:
-                metadata_json[doc.id] = _metadata_json(doc.metadata)
-            except (TypeError, ValueError) as exc:
-                raise InvalidInputError(f"document {doc.id!r}: metadata is not JSON-serialisable ({exc})") from None
+        metadata_json = {doc.id: metadata_to_json(doc.id, doc.metadata) for doc in documents}
         now = _now()
         with self._exclusive():
             db = self._db

@@ -6,7 +6,7 @@ one object are ANDed. ``$eq``/``$in`` also match a value inside a list (``{"tags
 User keys and values only ever reach SQLite as bound parameters; keys must be plain names.
 
 >>> compile_filter({"year": {"$gte": 2020}, "lang": {"$in": ["en", "de"]}})[1]
-['$."year"', 'integer', 'real', '$."year"', 2020, '$."lang"', 'en', 'de']
+['$."year"', 'integer', 'real', '$."year"', 2020, '$."lang"', '$."lang"', 'en', 'de']
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 MAX_DEPTH = 8
 MAX_CLAUSES = 128
 MAX_LIST = 1000
+MAX_PARAMS = 5000  # well under SQLite's bound-parameter limit
 COMPARE = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 FIELD_OPERATORS = {"$eq", "$ne", "$in", "$nin", "$exists", *COMPARE}
 Scalar = (str, int, float, bool, type(None))
@@ -95,7 +96,7 @@ class _Compiler:
         types = ("integer", "real") if isinstance(value, (int, float)) else ("text", "text")
         self.params.extend([key, *types, value])
         # ranges never look inside lists, as on the unindexed path
-        return lookup + f"from_list = 0 AND typeof(value) IN (?, ?) AND value {COMPARE[op]} ?)"
+        return lookup + f"from_list = 0 AND kind IN (?, ?) AND value {COMPARE[op]} ?)"
 
     def _scalar(self, key: str, op: str, value: Any) -> Any:
         if not isinstance(value, Scalar):
@@ -105,11 +106,14 @@ class _Compiler:
         return value
 
     def _members(self, path: str, values: list) -> str:
-        """True when the field equals one of ``values`` or is a list holding one of them."""
-        self.params.append(path)
+        """True when the field equals one of ``values`` or is a list holding one of them (never an object)."""
+        self.params.extend([path, path])
         self.params.extend(values)
         marks = ",".join("?" * len(values))
-        return f"EXISTS (SELECT 1 FROM json_each(documents.metadata, ?) WHERE json_each.value IN ({marks}))"
+        return (
+            "(json_type(documents.metadata, ?) != 'object' AND EXISTS (SELECT 1 FROM json_each(documents.metadata, ?)"
+            f" WHERE json_each.value IN ({marks})))"
+        )
 
     def operator(self, path: str, key: str, op: str, value: Any) -> str:
         if op in ("$eq", "$ne"):
@@ -146,4 +150,8 @@ def compile_filter(filter_: dict, indexed: frozenset[str] = frozenset()) -> tupl
     """
     compiler = _Compiler(indexed)
     sql = compiler.node(filter_, depth=1)
+    if len(compiler.params) > MAX_PARAMS:
+        raise InvalidInputError(
+            f"filter is too large ({len(compiler.params)} values; at most {MAX_PARAMS}): simplify it"
+        )
     return sql, compiler.params

@@ -80,10 +80,15 @@ class WriterLock:
 
     @contextmanager
     def hold(self, wait: float = 60.0) -> Iterator[None]:
-        """Hold the lock, waiting up to ``wait`` seconds for another process to release it."""
-        with self._thread_lock:
+        """Hold the lock, waiting up to ``wait`` seconds for another thread or process to release it."""
+        started = time.monotonic()
+        if not self._thread_lock.acquire(timeout=max(wait, 0.0)):
+            raise CollectionBusyError(
+                f"collection {self.collection} is being written by another request of this server; try again"
+            )
+        try:
             if self._depth == 0:
-                self._acquire(wait)
+                self._acquire(max(0.0, wait - (time.monotonic() - started)))
             self._depth += 1
             try:
                 yield
@@ -91,6 +96,8 @@ class WriterLock:
                 self._depth -= 1
                 if self._depth == 0:
                     self._release()
+        finally:
+            self._thread_lock.release()
 
     def _acquire(self, wait: float) -> None:
         handle = open(self.path, "a+")

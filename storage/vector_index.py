@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ class Stamp:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -179,7 +180,9 @@ class VectorIndex:
                 return np.full((n, 1), -np.inf, dtype="float32"), np.full((n, 1), -1, dtype="int64")
             k = max(1, min(k, limit))
             if allowed is None:
-                return self._searcher().search(queries, k)
+                # GPU flat search takes k <= 2048; deeper searches run on the CPU copy
+                searcher = self._cpu if self._use_gpu and k > GPU_MAX_K else self._searcher()
+                return searcher.search(queries, k)
             allowed = np.asarray(allowed, dtype="int64")
             if not self._use_gpu:
                 faiss = import_faiss()
@@ -190,9 +193,13 @@ class VectorIndex:
             )
 
     def _exact_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force over the allowed vectors only (reconstructed from the CPU copy)."""
-        vectors = self._cpu.reconstruct_batch(allowed)
-        return top_k(queries @ vectors.T, allowed, k)
+        """Exact search over the allowed vectors: brute force over them when few, else the CPU copy with an
+        IDSelector (never materialising a large subset in memory)."""
+        if len(allowed) <= EXACT_SUBSET_MAX:
+            vectors = self._cpu.reconstruct_batch(allowed)
+            return top_k(queries @ vectors.T, allowed, k)
+        faiss = import_faiss()
+        return self._cpu.search(queries, k, params=faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed)))
 
     def _searcher(self):
         if not self._use_gpu:

@@ -23,6 +23,28 @@ def cpu_settings(**encoder):
     return load_settings(cli={"processing": {"device": "cpu"}, "encoder": {"model": "minilm", **encoder}}, environ={})
 
 
+def server_settings(data_dir, **server):
+    """MiniLM on the CPU, collections under ``data_dir``, ``server`` section overrides."""
+    settings = cpu_settings()
+    settings.data_dir = data_dir
+    for key, value in server.items():
+        setattr(settings.server, key, value)
+    return settings
+
+
+def downgrade_to_schema_v1(collection_path: Path) -> None:
+    """Make a collection look as it did before the lexical index existed (schema 1)."""
+    import sqlite3
+
+    conn = sqlite3.connect(collection_path / "collection.db")
+    for name in ("passages_fts_insert", "passages_fts_delete"):
+        conn.execute(f"DROP TRIGGER {name}")
+    conn.execute("DROP TABLE passages_fts")
+    conn.execute("UPDATE manifest SET schema_version = 1")
+    conn.commit()
+    conn.close()
+
+
 @pytest.fixture(scope="session")
 def minilm():
     from indexer.encoder import Encoder

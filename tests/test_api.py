@@ -4,6 +4,7 @@ import asyncio
 import json
 
 import httpx
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -12,19 +13,11 @@ from search_api.cli import main
 from search_api.client import AsyncSearchClient, SearchAPIError, SearchClient
 from storage.collection import Collection, Manifest
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, write_jsonl
+from conftest import SHARED_DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
 from server import RunningServer
 from test_quality import slice_dataset
 
 CORPUS = read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=80)
-
-
-def settings_for(data_dir, **server):
-    settings = cpu_settings()
-    settings.data_dir = data_dir
-    for key, value in server.items():
-        setattr(settings.server, key, value)
-    return settings
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(data_dir):
-    settings = settings_for(data_dir, max_body_bytes=64 * 1024, max_documents_per_request=20)
+    settings = server_settings(data_dir, max_body_bytes=64 * 1024, max_documents_per_request=20)
     with RunningServer(settings) as running:
         yield running
 
@@ -170,7 +163,7 @@ ERROR_CASES = [
         400,
         "--dim 4096 is not available",
     ),
-    ("POST", "/collections", {"name": "new", "model": "no-such"}, 400, "unknown model 'no-such'"),
+    ("POST", "/collections", {"name": "new", "model": "no-such"}, 400, "'no-such' is not a profile"),
     ("POST", "/collections", {"name": "../up", "model": "minilm"}, 400, "invalid collection name"),
 ]
 
@@ -213,7 +206,7 @@ def test_an_unavailable_model_is_a_503_and_the_client_retries_it(tmp_path):
             CountingTransport.calls += 1
             return super().handle_request(request)
 
-    with RunningServer(settings_for(tmp_path / "data")) as running:
+    with RunningServer(server_settings(tmp_path / "data")) as running:
         health = httpx.get(f"{running.url}/health").json()
         assert health["status"] == "unavailable" and health["model_loaded"] is False
         assert "stella_en_1.5B_v5" in health["error"]
@@ -270,7 +263,7 @@ def test_auth(data_dir, keys, call, expected, tmp_path):
     shutil.copytree(data_dir, copy)
     operation, key = call
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    with RunningServer(settings_for(copy, **keys)) as running:
+    with RunningServer(server_settings(copy, **keys)) as running:
         if operation == "search":
             response = httpx.post(f"{running.url}/collections/default/search", json={"query": "x"}, headers=headers)
         else:
@@ -291,7 +284,7 @@ def test_eval_through_http_equals_in_process(tmp_path):
     args = ["eval", str(tmp_path / "ms"), "--model", "minilm", "--data-dir", str(data), "--json"]
     local = CliRunner().invoke(main, args)
     assert local.exit_code == 0, local.output
-    with RunningServer(settings_for(data)) as running:
+    with RunningServer(server_settings(data)) as running:
         remote = CliRunner().invoke(
             main, ["eval", str(tmp_path / "ms"), "--collection", "ms-minilm", "--url", running.url, "--json"]
         )
@@ -307,3 +300,32 @@ def test_cli_search_through_http(server):
     assert result.exit_code == 0, result.output
     hits = json.loads(result.output[result.output.index("{") :])["results"]
     assert hits[0]["id"] == "<dbpedia:Oceanic_Airlines>"
+
+
+def test_concurrent_queries_are_micro_batched_with_identical_vectors(minilm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from search_api.batching import QueryBatcher
+
+    sizes = []
+    batcher = QueryBatcher(minilm, max_batch=64, observe=lambda seconds, texts, requests: sizes.append(requests))
+    queries = [f"query number {i} about vector search" for i in range(48)]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            batched = list(pool.map(lambda q: batcher.encode_queries([q])[0], queries))
+    finally:
+        batcher.close()
+    np.testing.assert_allclose(np.stack(batched), minilm.encode_queries(queries), atol=1e-5)
+    assert sum(sizes) == len(queries) and max(sizes) > 1  # some requests shared a forward pass
+
+
+def test_an_encode_error_reaches_every_waiting_caller(minilm):
+    from search_api.batching import QueryBatcher
+
+    batcher = QueryBatcher(minilm)
+    try:
+        with pytest.raises(TypeError):
+            batcher.encode_queries([None])
+        assert batcher.encode_queries(["still serving"]).shape == (1, 384)
+    finally:
+        batcher.close()

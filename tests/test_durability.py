@@ -25,18 +25,10 @@ from storage.errors import CollectionBusyError, CorruptCollectionError, InvalidI
 from storage.filters import compile_filter
 from storage.snapshots import restore_snapshot, take_snapshot
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, write_jsonl
+from conftest import SHARED_DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
 from server import RunningServer
 
 STELLA = str(Path(sys.executable).parent / "stella-search")
-
-
-def settings_for(data_dir, **server):
-    settings = cpu_settings()
-    settings.data_dir = data_dir
-    for key, value in server.items():
-        setattr(settings.server, key, value)
-    return settings
 
 
 def files_digest(collection_path: Path) -> dict:
@@ -144,7 +136,7 @@ def test_searches_see_each_upsert_whole_or_not_at_all(tmp_path, minilm):
     seen_counts, errors = [], []
     done = threading.Event()
 
-    with RunningServer(settings_for(data)) as server:
+    with RunningServer(server_settings(data)) as server:
 
         def search_loop():
             with SearchClient(server.url, retries=0) as client:
@@ -239,7 +231,7 @@ def test_the_server_sees_writes_made_by_another_process(tmp_path):
     data = tmp_path / "data"
     first = write_jsonl(tmp_path / "a.jsonl", [{"_id": "a", "text": "the original document"}])
     CliRunner().invoke(main, ["ingest", str(first), "--data-dir", str(data), "--model", "minilm"])
-    with RunningServer(settings_for(data)) as server, SearchClient(server.url, retries=0) as client:
+    with RunningServer(server_settings(data)) as server, SearchClient(server.url, retries=0) as client:
         assert [h.id for h in client.search("anything", k=10).results] == ["a"]
         later = write_jsonl(tmp_path / "b.jsonl", [{"_id": "b", "text": "an okapi lives in the forest"}])
         result = subprocess.run(
@@ -297,7 +289,7 @@ def test_snapshot_while_serving_then_restore_verified(tmp_path):
     data = tmp_path / "data"
     corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=30))
     ingest_paths([corpus], data, "default", cpu_settings(), model="minilm")
-    with RunningServer(settings_for(data)) as server, SearchClient(server.url, retries=0) as client:
+    with RunningServer(server_settings(data)) as server, SearchClient(server.url, retries=0) as client:
         taken = httpx.post(f"{server.url}/collections/default/snapshots").json()
         assert taken["documents"] == 30
         client.upsert([{"id": "after", "text": "written after the snapshot"}])
@@ -370,7 +362,7 @@ def test_rejected_writes_leave_the_collection_byte_for_byte_unchanged(tmp_path):
     data = tmp_path / "data"
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"_id": "a", "text": "existing document", "year": 2020}])
     ingest_paths([corpus], data, "default", cpu_settings(), model="minilm")
-    with RunningServer(settings_for(data, max_document_chars=4000)) as server:
+    with RunningServer(server_settings(data, max_document_chars=4000)) as server:
         before = files_digest(data / "default")
         for body, status in REJECTED:
             response = httpx.post(f"{server.url}/collections/default/documents", json=body)

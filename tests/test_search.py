@@ -15,7 +15,7 @@ from storage.collection import Collection, Document, Hit, Manifest, Passage
 from storage.filters import compile_filter
 from storage.vector_index import GPU_MAX_K, VectorIndex, filtered_search
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, write_jsonl
+from conftest import SHARED_DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, write_jsonl
 from server import RunningServer
 
 N, DIM = 20_000, 32
@@ -192,6 +192,10 @@ def test_prompt_type_is_a_collection_property(tiny_stella, tmp_path):
     settings = cpu_settings()
     settings.data_dir = tmp_path / "data"
     with RunningServer(settings) as server, SearchClient(server.url, retries=0) as client:
+        with pytest.raises(SearchAPIError, match="server.allow_model_paths"):
+            client.create_collection("refused", model=str(tiny_stella))
+    settings.server.allow_model_paths = True
+    with RunningServer(settings) as server, SearchClient(server.url, retries=0) as client:
         created = client.create_collection("similar-texts", model=str(tiny_stella), dim=256, prompt_type="s2s")
         assert created.prompt_type == "s2s" and created.head == "2_Dense_256"
         client.upsert([{"id": "a", "text": "a sentence to compare"}], collection="similar-texts")
@@ -209,13 +213,7 @@ def test_a_v1_collection_is_migrated_to_get_its_lexical_index(tmp_path, minilm):
     with Collection.create(path, minilm.manifest()) as collection:
         doc = Document("a", "Okapi", "The okapi lives in the forest.")
         collection.write([doc], [Passage("a", 0, doc.text, 0, len(doc.text))], minilm.encode_passages([doc.text]))
-    conn = sqlite3.connect(path / "collection.db")
-    for name in ("passages_fts_insert", "passages_fts_delete"):
-        conn.execute(f"DROP TRIGGER {name}")
-    conn.execute("DROP TABLE passages_fts")
-    conn.execute("UPDATE manifest SET schema_version = 1")
-    conn.commit()
-    conn.close()
+    downgrade_to_schema_v1(path)
     with Collection.open(path) as migrated:
         assert migrated.manifest.schema_version == 2
         assert [h.document_id for h in migrated.search_lexical("okapi forest")] == ["a"]
