@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -25,10 +26,24 @@ from indexer.models import HeadChoice, ModelProfile, default_head, model_folder,
 from indexer.settings import Settings
 from storage.collection import Manifest
 from storage.errors import InvalidInputError, ModelUnavailableError
+from storage.vector_index import set_search_threads
 
 log = logging.getLogger(__name__)
 
 PROMPT_NAMES = {"s2p": ("s2p_query", None), "s2s": ("s2s_query", "s2s_query")}
+
+
+def configure_search_threads(settings: Settings) -> int:
+    """Give FAISS one OpenMP thread when torch encodes on the same CPU cores (unless set explicitly).
+
+    Two OpenMP runtimes (torch's and faiss's) spinning on 2 cores made a single query 15 ms instead of 7 ms;
+    a flat search of one query gains nothing from a thread team anyway.
+    """
+    threads = settings.processing.faiss_threads
+    if threads is None:
+        threads = 1 if resolve_device(settings.processing.device) == "cpu" else (os.cpu_count() or 1)
+    set_search_threads(threads)
+    return threads
 
 
 def resolve_device(device: str) -> str:

@@ -57,6 +57,9 @@ class ProcessingSettings(_Section):
     device: str = Field("auto", description="auto (cuda:0 when available, else cpu), cpu, cuda, cuda:N")
     clear_cache_interval: int = Field(25, ge=0, description="empty the CUDA cache every N batches (0: never)")
     force_gc_interval: int = Field(50, ge=0, description="run the garbage collector every N batches (0: never)")
+    faiss_threads: int | None = Field(
+        None, ge=1, description="FAISS OpenMP threads; None: 1 when the encoder runs on the CPU, else all cores"
+    )
 
 
 class EmbeddingSettings(_Section):

@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("scripts/results/bench_api.json"))
     args = parser.parse_args()
 
+    from indexer.encoder import configure_search_threads
     from indexer.pipeline import encoder_for_collection, ingest_documents
     from indexer.settings import load_settings
     from indexer.sources import read_documents
@@ -111,6 +112,7 @@ def main() -> None:
         documents = list(read_documents(SHARED / "msmarco" / "corpus.jsonl"))[: args.docs]
         ingest_documents(collection, encoder, documents, settings, quiet=True)
         encoder = encoder_for_collection(collection, settings)
+        configure_search_threads(settings)  # as the server does
 
         for q in queries[:10]:  # warm-up
             collection.search(encoder.encode_queries([q]), args.k)

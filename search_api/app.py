@@ -133,6 +133,31 @@ class BodyLimit:
         await self.app(scope, counting_receive, send)
 
 
+class RequestMetrics:
+    """ASGI middleware: latency per method, route template and status (plain ASGI: no per-request task)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe_request(scope["method"], route, status, time.perf_counter() - started)
+
+
 def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
     """The application for ``settings`` (defaults from the environment); collections under settings.data_dir."""
     settings = settings or load_settings()
@@ -168,18 +193,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
             allow_headers=["Authorization", "Content-Type"],
         )
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe_request(
-            request.method,
-            getattr(route, "path", "unmatched"),
-            response.status_code,
-            time.perf_counter() - started,
-        )
-        return response
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.exception_handler(StellaSearchError)
     async def domain_error(request: Request, exc: StellaSearchError):

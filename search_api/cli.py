@@ -189,9 +189,11 @@ def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset,
         hits = [h.model_dump(exclude={"passages"}) for h in response.results]
         took_ms = response.took_ms
     else:
+        from indexer.encoder import configure_search_threads
         from indexer.pipeline import encoder_for_collection, open_collection
         from search_api.retrieval import Retriever, SearchOptions
 
+        configure_search_threads(settings)
         with open_collection(settings.data_dir, settings.collection) as collection:
             encoder = encoder_for_collection(collection, settings, flags["model"]) if mode != "lexical" else None
             started = time.perf_counter()
@@ -249,10 +251,12 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
 
             run = run_queries(dataset, search_fn, k)
     else:
+        from indexer.encoder import configure_search_threads
         from indexer.pipeline import ingest_documents, open_or_create_collection
         from indexer.sources import check_sources, read_documents
         from search_api.retrieval import Retriever, SearchOptions
 
+        configure_search_threads(settings)
         collection, encoder = open_or_create_collection(
             settings.data_dir, settings.collection, settings, flags["model"], flags["dim"]
         )

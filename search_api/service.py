@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 
-from indexer.encoder import Encoder
+from indexer.encoder import Encoder, configure_search_threads
 from indexer.pipeline import encoder_for_collection, ingest_documents
 from indexer.settings import Settings, snapshot_dir
 from search_api import schemas
@@ -60,6 +60,7 @@ class SearchService:
 
     def start(self, background: bool = True) -> None:
         """Open every collection under data_dir and load their encoders (in a thread unless told otherwise)."""
+        configure_search_threads(self.settings)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for name in list_collections(self.data_dir):
             self._collections[name] = Collection.open(collection_dir(self.data_dir, name))

@@ -85,6 +85,11 @@ def import_faiss():
     return faiss
 
 
+def set_search_threads(threads: int) -> None:
+    """FAISS's OpenMP thread count for this process."""
+    import_faiss().omp_set_num_threads(threads)
+
+
 def gpu_count() -> int:
     """Number of GPUs this faiss build can use (0 for faiss-cpu)."""
     faiss = import_faiss()
