@@ -128,15 +128,7 @@ class Crasher:
             roll = self.rng.random()
             present = self._present()
             if roll < 0.55 or len(present) < 5:
-                docs = [self._new_document() for _ in range(self.rng.randint(1, self.batch))]
-                self._call(
-                    http,
-                    "POST",
-                    "/collections/default/documents",
-                    {"documents": docs},
-                    {d["id"]: ("present", d["text"], d["metadata"]) for d in docs},
-                    "upsert",
-                )
+                self._upsert(http, [self._new_document() for _ in range(self.rng.randint(1, self.batch))])
             elif roll < 0.75:
                 docs = []
                 for doc_id in self.rng.sample(present, min(len(present), self.rng.randint(1, self.batch))):
@@ -148,14 +140,7 @@ class Crasher:
                             "metadata": {"n": n, "group": "rewritten"},
                         }
                     )
-                self._call(
-                    http,
-                    "POST",
-                    "/collections/default/documents",
-                    {"documents": docs},
-                    {d["id"]: ("present", d["text"], d["metadata"]) for d in docs},
-                    "upsert",
-                )
+                self._upsert(http, docs)
             elif roll < 0.9:
                 ids = self.rng.sample(present, min(len(present), self.rng.randint(1, 3)))
                 self._call(
@@ -180,6 +165,10 @@ class Crasher:
                     dict.fromkeys(ids, GONE),
                     "delete",
                 )
+
+    def _upsert(self, http: httpx.Client, docs: list[dict]) -> None:
+        effects = {d["id"]: ("present", d["text"], d["metadata"]) for d in docs}
+        self._call(http, "POST", "/collections/default/documents", {"documents": docs}, effects, "upsert")
 
     def _call(self, http: httpx.Client, method: str, path: str, body: dict, effects: dict, kind: str) -> None:
         for doc_id, state in effects.items():

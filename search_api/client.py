@@ -51,7 +51,25 @@ def _raise_for(response: httpx.Response) -> None:
 
 
 class _Calls:
-    """What each call sends and how its answer is read, shared by the sync and async clients."""
+    """What the sync and async clients share: configuration, paths, and when to retry."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, retries: int, backoff: float, transport):
+        self.retries, self.backoff = retries, backoff
+        self._options = {
+            "base_url": base_url,
+            "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
+            "timeout": timeout,
+            "transport": transport,
+        }
+
+    def _retry_wait(self, attempt: int, response: httpx.Response | None = None) -> float | None:
+        """Seconds to wait before retrying (a connection error, or a 503), or None to stop retrying."""
+        if attempt >= self.retries or (response is not None and response.status_code != 503):
+            return None
+        wait = _backoff(attempt, self.backoff)
+        if response is not None:
+            wait = max(wait, float(response.headers.get("Retry-After", 0)))
+        return wait
 
     @staticmethod
     def _doc_path(collection: str, document_id: str) -> str:
@@ -76,9 +94,8 @@ class SearchClient(_Calls):
         backoff: float = 0.2,
         transport: httpx.BaseTransport | None = None,
     ):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
-        self.retries, self.backoff = retries, backoff
+        super().__init__(base_url, api_key, timeout, retries, backoff, transport)
+        self._http = httpx.Client(**self._options)
 
     def close(self) -> None:
         self._http.close()
@@ -90,20 +107,21 @@ class SearchClient(_Calls):
         self.close()
 
     def _request(self, method: str, path: str, **kwargs) -> Any:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 response = self._http.request(method, path, **kwargs)
             except RETRYABLE_ERRORS:
-                if attempt == self.retries:
+                wait = self._retry_wait(attempt)
+                if wait is None:
                     raise
-                time.sleep(_backoff(attempt, self.backoff))
-                continue
-            if response.status_code == 503 and attempt < self.retries:
-                time.sleep(max(_backoff(attempt, self.backoff), float(response.headers.get("Retry-After", 0))))
-                continue
-            _raise_for(response)
-            return response.json()
-        raise AssertionError("unreachable")
+            else:
+                wait = self._retry_wait(attempt, response)
+                if wait is None:
+                    _raise_for(response)
+                    return response.json()
+            time.sleep(wait)
+            attempt += 1
 
     def search(self, query: str, k: int = 10, collection: str = "default", **options: Any) -> schemas.SearchResponse:
         """Search; ``options``: mode, filter, fusion, alpha, group_by, passages_per_document, offset."""
@@ -182,9 +200,8 @@ class AsyncSearchClient(_Calls):
         backoff: float = 0.2,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
-        self.retries, self.backoff = retries, backoff
+        super().__init__(base_url, api_key, timeout, retries, backoff, transport)
+        self._http = httpx.AsyncClient(**self._options)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -196,20 +213,21 @@ class AsyncSearchClient(_Calls):
         await self.aclose()
 
     async def _request(self, method: str, path: str, **kwargs) -> Any:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 response = await self._http.request(method, path, **kwargs)
             except RETRYABLE_ERRORS:
-                if attempt == self.retries:
+                wait = self._retry_wait(attempt)
+                if wait is None:
                     raise
-                await asyncio.sleep(_backoff(attempt, self.backoff))
-                continue
-            if response.status_code == 503 and attempt < self.retries:
-                await asyncio.sleep(max(_backoff(attempt, self.backoff), float(response.headers.get("Retry-After", 0))))
-                continue
-            _raise_for(response)
-            return response.json()
-        raise AssertionError("unreachable")
+            else:
+                wait = self._retry_wait(attempt, response)
+                if wait is None:
+                    _raise_for(response)
+                    return response.json()
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def search(
         self, query: str, k: int = 10, collection: str = "default", **options: Any
