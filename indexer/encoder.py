@@ -84,6 +84,17 @@ class Encoder:
         self.stats = EncodeStats()
         # one forward pass at a time: a long bulk encode yields between batches, so queries interleave
         self._forward_lock = threading.Lock()
+        self._onnx = None
+        if settings.encoder.backend == "onnx":
+            if not device.startswith("cpu"):
+                raise InvalidInputError("encoder.backend 'onnx' runs on the CPU; use the torch backend on CUDA")
+            import torch
+
+            from indexer.onnx_backend import OnnxForward
+
+            self._onnx = OnnxForward.for_model(
+                model, Path(settings.encoder.onnx_dir), self.fingerprint, threads=torch.get_num_threads()
+            )
         self._cache = None
         if settings.embedding.cache_embeddings:
             from indexer.embedding_cache import EmbeddingCache
@@ -147,9 +158,10 @@ class Encoder:
 
     @property
     def fingerprint(self) -> str:
+        """Identifies what this encoder computes: keys the embedding cache and the ONNX export."""
         parts = [
             self.profile.model_id,
-            self.profile.revision or "",
+            self.profile.revision or _folder_stamp(self.profile.local_path),
             self.head.label,
             str(self.settings.encoder.normalize_embeddings),
             str(self.max_seq_length),
@@ -243,14 +255,31 @@ class Encoder:
         import torch
         from sentence_transformers.util import batch_to_device
 
-        features = batch_to_device(self.model.preprocess(texts, prompt=prompt), self.model.device)
-        with self._forward_lock, torch.inference_mode():
-            embeddings = self.model(features)["sentence_embedding"]
+        if self._onnx is not None:
+            features = self.model.preprocess(texts, prompt=prompt)
+            with self._forward_lock:
+                embeddings = torch.from_numpy(self._onnx(features))
+        else:
+            features = batch_to_device(self.model.preprocess(texts, prompt=prompt), self.model.device)
+            with self._forward_lock, torch.inference_mode():
+                embeddings = self.model(features)["sentence_embedding"]
         if self.head.truncate:
             embeddings = embeddings[:, : self.head.dim]
         if self.settings.encoder.normalize_embeddings:
             embeddings = torch.nn.functional.normalize(embeddings.float(), p=2, dim=1)
         return embeddings.float().cpu().numpy()
+
+
+def _folder_stamp(folder: str | None) -> str:
+    """Names, sizes and mtimes of a model folder's files: a local model has no revision to pin."""
+    if not folder:
+        return ""
+    entries = sorted(
+        f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in Path(folder).rglob("*")
+        if p.is_file()
+    )
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 def _native_dim(st_model) -> int:

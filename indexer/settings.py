@@ -51,6 +51,10 @@ class EncoderSettings(_Section):
     )
     normalize_embeddings: bool = True
     prompt_type: Literal["s2p", "s2s"] = "s2p"
+    backend: Literal["torch", "onnx"] = Field(
+        "torch", description="onnx: ONNX Runtime on the CPU, exported locally from the model (same vectors)"
+    )
+    onnx_dir: Path = Field(Path(".stella-cache/onnx"), description="where ONNX exports are cached")
 
 
 class ProcessingSettings(_Section):

@@ -31,6 +31,7 @@ def _settings(config: str | None, **flags) -> Settings:
         "dim": ("encoder", "embedding_dimension"),
         "batch_size": ("encoder", "batch_size"),
         "prompt_type": ("encoder", "prompt_type"),
+        "backend": ("encoder", "backend"),
         "device": ("processing", "device"),
         "data_dir": (None, "data_dir"),
         "collection": (None, "collection"),
@@ -68,6 +69,7 @@ def _common(func):
         click.option("--dim", type=int, help="MRL embedding dimension (default: the model's default head)"),
         click.option("--batch-size", type=int, help="encoder batch size"),
         click.option("--device", help="auto, cpu, cuda, cuda:N"),
+        click.option("--backend", type=click.Choice(["torch", "onnx"]), help="encoder runtime (onnx: CPU only)"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -398,13 +400,14 @@ def info(data_dir, collection, config):
 @click.option("--port", type=int, help="port (default 8000)")
 @click.option("--model", help="model to load when the data dir has no collection yet")
 @click.option("--device", help="auto, cpu, cuda, cuda:N")
-def serve(data_dir, config, host, port, model, device):
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), help="encoder runtime (onnx: CPU only)")
+def serve(data_dir, config, host, port, model, device, backend):
     """Serve the collections under --data-dir over HTTP (FastAPI under uvicorn)."""
     import uvicorn
 
     from search_api.app import create_app
 
-    settings = _settings(config, data_dir=data_dir, host=host, port=port, model=model, device=device)
+    settings = _settings(config, data_dir=data_dir, host=host, port=port, model=model, device=device, backend=backend)
     app = create_app(settings)
     click.echo(
         f"serving {settings.data_dir} on http://{settings.server.host}:{settings.server.port} (docs at /docs)",

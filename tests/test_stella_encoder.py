@@ -144,3 +144,16 @@ def test_embedding_cache_skips_the_model_for_seen_texts(tmp_path):
     again = second.encode_passages(["cached text one", "cached text two"])
     assert second.stats.texts == 0
     np.testing.assert_array_equal(vectors, again)
+
+
+@pytest.mark.parametrize("model, dim", [("minilm", None), ("tiny", 256), ("tiny", 512)])
+def test_the_onnx_backend_gives_the_torch_vectors(tiny_stella, tmp_path, model, dim):
+    name = str(tiny_stella) if model == "tiny" else "minilm"
+    texts = ["a short one", "a much longer passage about vector search, FAISS and SQLite storage", "mid length text"]
+    torch_encoder = Encoder.load(name, cpu_settings(batch_size=2), dim=dim)
+    onnx_encoder = Encoder.load(name, cpu_settings(batch_size=2, backend="onnx", onnx_dir=str(tmp_path)), dim=dim)
+    np.testing.assert_allclose(onnx_encoder.encode_passages(texts), torch_encoder.encode_passages(texts), atol=1e-5)
+    np.testing.assert_allclose(onnx_encoder.encode_queries(texts), torch_encoder.encode_queries(texts), atol=1e-5)
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # exported once, then reused
+    Encoder.load(name, cpu_settings(backend="onnx", onnx_dir=str(tmp_path)), dim=dim)
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
