@@ -26,22 +26,19 @@ log = logging.getLogger(__name__)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-class _SentenceEmbedding:
+def _traceable(st_model, names: tuple[str, ...]):
     """The traced function: token tensors in, the model's ``sentence_embedding`` out."""
+    import torch
 
-    @staticmethod
-    def module(st_model, names: tuple[str, ...]):
-        import torch
+    class SentenceEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.st = st_model
 
-        class Wrapped(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.st = st_model
+        def forward(self, *tensors):
+            return self.st(dict(zip(names, tensors)))["sentence_embedding"]
 
-            def forward(self, *tensors):
-                return self.st(dict(zip(names, tensors)))["sentence_embedding"]
-
-        return Wrapped().eval()
+    return SentenceEmbedding().eval()
 
 
 class OnnxForward:
@@ -80,7 +77,7 @@ class OnnxForward:
         dynamic["sentence_embedding"] = {0: "batch"}
         with torch.inference_mode(False), torch.no_grad():
             torch.onnx.export(
-                _SentenceEmbedding.module(st_model, names),
+                _traceable(st_model, names),
                 tuple(sample[name] for name in names),
                 str(partial),
                 input_names=list(names),

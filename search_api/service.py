@@ -121,12 +121,6 @@ class SearchService:
                 loaded = self._encoders.setdefault(key, encoder)
         return loaded
 
-    def _encode_queries(self, encoder: Encoder, texts: list[str]):
-        started = time.perf_counter()
-        vectors = encoder.encode_queries(texts)
-        self._observe_encode(time.perf_counter() - started, len(texts))
-        return vectors
-
     # -- collections -------------------------------------------------------------------------------------
 
     def collection(self, name: str) -> Collection:

@@ -405,10 +405,6 @@ class Collection:
                     self._index.add(self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows]))
                 self._stamp = Stamp(max_id, max_seq, self._index.ntotal, self.dim)
 
-    def refresh(self) -> None:
-        """Catch up with writes committed by another process since this one last looked."""
-        self._replay()
-
     def checkpoint(self) -> None:
         """Write the FAISS index to disk, stamped with what it contains.
 
@@ -471,9 +467,6 @@ class Collection:
         with self._writer.hold(wait):
             self._replay()
             yield
-
-    def _exclusive(self, wait: float = 60.0):
-        return self.writing(wait)
 
     def _vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
         return np.frombuffer(b"".join(blobs), dtype="float32").reshape(len(blobs), self.dim)
@@ -720,7 +713,7 @@ class Collection:
             raise InvalidInputError(f"passages refer to documents not in this write: {sorted(unknown)[:5]}")
         metadata_json = {doc.id: metadata_to_json(doc.id, doc.metadata) for doc in documents}
         now = _now()
-        with self._exclusive():
+        with self.writing():
             db = self._db
             stored = self.content_hashes(ids)
             for doc in documents:
@@ -773,7 +766,7 @@ class Collection:
         """
         document_ids = list(dict.fromkeys(document_ids))
         condition = compile_filter(where, self.indexed_fields()) if where is not None else None
-        with self._exclusive():
+        with self.writing():
             db = self._db
             with db.atomic():
                 existing = list(self.content_hashes(document_ids))
