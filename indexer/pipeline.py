@@ -22,8 +22,9 @@ from indexer.chunking import Chunker, text_to_encode
 from indexer.encoder import Encoder
 from indexer.settings import Settings
 from indexer.sources import check_sources, read_documents
-from storage.collection import Collection, Document, Passage, collection_dir
-from storage.errors import CollectionExistsError, ModelMismatchError, NotFoundError
+from storage.collection import Collection, Document, Manifest, Passage, collection_dir
+from storage.errors import CollectionExistsError, InvalidInputError, ModelMismatchError, NotFoundError
+from storage.sharding import ShardedCollection, create_collection, open_collection
 
 log = logging.getLogger(__name__)
 
@@ -51,35 +52,59 @@ def _batched(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield batch
 
 
-def encoder_for_collection(collection: Collection, settings: Settings, model: str | None = None) -> Encoder:
-    """Load the encoder a collection was built with; a different ``model`` is refused (ModelMismatchError)."""
-    manifest = collection.manifest
+def encoder_for_manifest(
+    manifest: Manifest, settings: Settings, model: str | None = None, name: str = "the collection"
+) -> Encoder:
+    """Load the encoder that made ``manifest``'s vectors; a different ``model`` is refused (ModelMismatchError)."""
     encoder_settings = settings.model_copy(deep=True)
     encoder_settings.encoder.prompt_type = manifest.prompt_type
     encoder_settings.encoder.max_length = manifest.max_length
     encoder_settings.encoder.normalize_embeddings = manifest.normalized
     encoder = Encoder.load(model or manifest.model, encoder_settings, dim=manifest.dim)
-    collection.require_compatible(encoder.manifest())
+    if not manifest.vectors_compatible_with(encoder.manifest()):
+        raise ModelMismatchError(
+            f"{name} was built with {manifest.describe()}; refusing {encoder.manifest().describe()}. "
+            "Vectors of different models or heads cannot share an index: use the collection's own model, or "
+            "ingest into a new collection."
+        )
     return encoder
 
 
-def open_collection(data_dir: Path, name: str) -> Collection:
-    return Collection.open(collection_dir(data_dir, name))
+def encoder_for_collection(
+    collection: Collection | ShardedCollection, settings: Settings, model: str | None = None
+) -> Encoder:
+    """Load the encoder a collection was built with; a different ``model`` is refused (ModelMismatchError)."""
+    return encoder_for_manifest(collection.manifest, settings, model, name=f"collection {collection.name}")
+
+
+def shard_count(collection: Collection | ShardedCollection) -> int:
+    return len(collection.shards) if isinstance(collection, ShardedCollection) else 1
 
 
 def open_or_create_collection(
-    data_dir: Path, name: str, settings: Settings, model: str | None = None, dim: int | None = None
-) -> tuple[Collection, Encoder]:
-    """The collection ``name`` with its encoder; created with ``model``/``dim`` (or the settings') if new."""
+    data_dir: Path,
+    name: str,
+    settings: Settings,
+    model: str | None = None,
+    dim: int | None = None,
+    shards: int | None = None,
+) -> tuple[Collection | ShardedCollection, Encoder]:
+    """The collection ``name`` with its encoder; created with ``model``/``dim``/``shards`` (or the settings') if new."""
     path = collection_dir(data_dir, name)
     try:
-        collection = Collection.open(path)
+        collection = open_collection(path)
     except NotFoundError:
         encoder = Encoder.load(model, settings, dim=dim)
         try:
-            return Collection.create(path, encoder.manifest()), encoder
+            return create_collection(path, encoder.manifest(), shards or 1), encoder
         except CollectionExistsError:  # another process created it meanwhile: join it
-            collection = Collection.open(path)
+            collection = open_collection(path)
+    if shards is not None and shards != shard_count(collection):
+        collection.close()
+        raise InvalidInputError(
+            f"collection {name} has {shard_count(collection)} shard(s); --shards {shards} only applies when a "
+            "collection is created (re-shard with `stella-search reshard`)"
+        )
     if dim is not None and dim != collection.manifest.dim:
         collection.close()
         raise ModelMismatchError(
@@ -95,7 +120,7 @@ def open_or_create_collection(
 
 
 def ingest_documents(
-    collection: Collection,
+    collection: Collection | ShardedCollection,
     encoder: Encoder,
     documents: Iterable[Document],
     settings: Settings,
@@ -161,6 +186,7 @@ def ingest_paths(
     model: str | None = None,
     dim: int | None = None,
     wait: float = 0.0,
+    shards: int | None = None,
 ) -> IngestReport:
     """Validate every input file, then ingest them into collection ``name`` (created if new).
 
@@ -169,7 +195,7 @@ def ingest_paths(
     the batch in flight, and running it again skips every committed document without re-encoding it.
     """
     total = check_sources(paths)
-    collection, encoder = open_or_create_collection(data_dir, name, settings, model, dim)
+    collection, encoder = open_or_create_collection(data_dir, name, settings, model, dim, shards)
     with collection, collection.writing(wait):
         documents = (doc for path in paths for doc in read_documents(Path(path)))
         return ingest_documents(collection, encoder, documents, settings, total=total)

@@ -33,6 +33,7 @@ from storage.errors import (
     ModelUnavailableError,
     NotFoundError,
     PayloadTooLargeError,
+    ShardUnavailableError,
     StellaSearchError,
 )
 
@@ -47,6 +48,7 @@ STATUS_BY_ERROR: list[tuple[type[StellaSearchError], int]] = [
     (ConflictError, 409),
     (ModelUnavailableError, 503),
     (CorruptCollectionError, 503),
+    (ShardUnavailableError, 503),
     (StellaSearchError, 400),
 ]
 
@@ -158,14 +160,20 @@ class RequestMetrics:
             self.metrics.observe_request(scope["method"], route, status, time.perf_counter() - started)
 
 
-def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
-    """The application for ``settings`` (defaults from the environment); collections under settings.data_dir."""
+def create_app(
+    settings: Settings | None = None, load_in_background: bool = True, service_factory=SearchService
+) -> FastAPI:
+    """The application for ``settings`` (defaults from the environment); collections under settings.data_dir.
+
+    ``service_factory(settings, observe_encode=..., observe_batch_size=...)`` makes the object behind the
+    endpoints: the single-machine :class:`SearchService`, or the Ray Serve one of ``search_api.cluster``.
+    """
     settings = settings or load_settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service = SearchService(
+        service = service_factory(
             settings, observe_encode=metrics.observe_encode, observe_batch_size=metrics.observe_batch_size
         )
         service.start(background=load_in_background)
@@ -198,7 +206,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     @app.exception_handler(StellaSearchError)
     async def domain_error(request: Request, exc: StellaSearchError):
         status = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
-        headers = {"Retry-After": "2"} if isinstance(exc, ModelLoadingError) else None
+        headers = {"Retry-After": "2"} if isinstance(exc, (ModelLoadingError, ShardUnavailableError)) else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     @app.exception_handler(_Unauthorized)

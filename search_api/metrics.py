@@ -82,13 +82,20 @@ class _CollectionCollector:
         service = self.metrics._service
         passages = GaugeMetricFamily("stella_collection_passages", "passages stored", labels=["collection"])
         vectors = GaugeMetricFamily("stella_index_vectors", "vectors in the FAISS index", labels=["collection"])
+        shard_passages = GaugeMetricFamily(
+            "stella_shard_passages", "passages stored per shard of a sharded collection", labels=["collection", "shard"]
+        )
+        shard_vectors = GaugeMetricFamily(
+            "stella_shard_index_vectors", "vectors in each shard's FAISS index", labels=["collection", "shard"]
+        )
         if service is not None:
-            for info in service.collections():
-                passages.add_metric([info.name], info.passages)
-            for name, collection in list(service._collections.items()):
-                vectors.add_metric([name], collection.index_size)
-        yield passages
-        yield vectors
+            for name, health in service.health().collections.items():
+                passages.add_metric([name], health["passages"])
+                vectors.add_metric([name], health["index_vectors"])
+                for shard in health.get("shards", []):
+                    shard_passages.add_metric([name, shard["shard"]], shard["passages"])
+                    shard_vectors.add_metric([name, shard["shard"]], shard["index_vectors"])
+        yield from (passages, vectors, shard_passages, shard_vectors)
         import torch
 
         if torch.cuda.is_available():

@@ -285,10 +285,11 @@ class CollectionCreate(_Strict):
     model: str | None = Field(None, description="stella-1.5b, stella-400m, minilm or a model folder on the server")
     dim: int | None = Field(None, ge=1, description="MRL dimension; default: the model's default head")
     prompt_type: Literal["s2p", "s2s"] = "s2p"
+    shards: int = Field(1, ge=1, le=256, description="shards, placed by a hash of document id; fixed at creation")
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"name": "docs", "model": "minilm", "prompt_type": "s2p"}]},
+        json_schema_extra={"examples": [{"name": "docs", "model": "minilm", "prompt_type": "s2p", "shards": 1}]},
     )
 
 
@@ -302,6 +303,7 @@ class CollectionInfo(BaseModel):
     prompt_type: str
     documents: int
     passages: int
+    shards: int = 1
 
     model_config = ConfigDict(
         json_schema_extra={

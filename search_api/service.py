@@ -32,6 +32,7 @@ from storage.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+from storage.sharding import ShardedCollection, create_collection, open_collection, refuse_sharded
 from storage.snapshots import restore_snapshot, snapshot_name, take_snapshot
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class SearchService:
         configure_search_threads(self.settings)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for name in list_collections(self.data_dir):
-            self._collections[name] = Collection.open(collection_dir(self.data_dir, name))
+            self._collections[name] = open_collection(collection_dir(self.data_dir, name))
         if background:
             threading.Thread(target=self._load_all, name="encoder-loader", daemon=True).start()
         else:
@@ -149,6 +150,7 @@ class SearchService:
             prompt_type=m.prompt_type,
             documents=c.count_documents(),
             passages=c.count_passages(),
+            shards=len(c.shards) if isinstance(c, ShardedCollection) else 1,
         )
 
     def create_collection(self, request: schemas.CollectionCreate) -> schemas.CollectionInfo:
@@ -167,7 +169,7 @@ class SearchService:
         with self._lock:
             if request.name in self._collections:
                 raise ConflictError(f"collection {request.name!r} already exists")
-            collection = Collection.create(path, encoder.manifest())
+            collection = create_collection(path, encoder.manifest(), request.shards)
             self._collections[request.name] = collection
             m = collection.manifest
             self._encoders.setdefault(self._key(m.model, m.dim, m.prompt_type, m.max_length), encoder)
@@ -177,6 +179,7 @@ class SearchService:
 
     def take_snapshot(self, name: str) -> schemas.SnapshotInfo:
         collection = self.collection(name)
+        refuse_sharded(collection.path, "snapshot")
         label = snapshot_name(name)
         info = take_snapshot(collection, snapshot_dir(self.settings) / label)
         return schemas.SnapshotInfo(
@@ -413,18 +416,23 @@ class SearchService:
             model_loaded=bool(encoders) and self._ready.is_set(),
             models=sorted({f"{e.profile.name} ({e.head.label}, {e.prompt_type})" for e in encoders}),
             device=device,
-            collections={
-                n: {
-                    "index_vectors": c.index_size,
-                    "passages": c.count_passages(),
-                    "documents": c.count_documents(),
-                    "index_on_gpu": c.on_gpu,
-                }
-                for n, c in opened.items()
-            },
+            collections={n: _collection_health(c) for n, c in opened.items()},
             gpu_memory=gpu,
             error=str(self._load_error) if self._load_error else None,
         )
+
+
+def _collection_health(c: Collection | ShardedCollection) -> dict:
+    if isinstance(c, ShardedCollection):
+        shards = c.shard_health()
+        return {
+            "index_vectors": sum(s["index_vectors"] for s in shards),
+            "passages": sum(s["passages"] for s in shards),
+            "documents": sum(s["documents"] for s in shards),
+            "index_on_gpu": all(s["index_on_gpu"] for s in shards),
+            "shards": shards,
+        }
+    return c.health()
 
 
 def _hit(result: Result) -> schemas.Hit:

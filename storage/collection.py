@@ -51,6 +51,7 @@ from storage.vector_index import INDEX_TYPE, Stamp, VectorIndex
 log = logging.getLogger(__name__)
 
 DB_FILE = "collection.db"
+SHARDS_FILE = "shards.json"  # marks a sharded collection's directory (storage.sharding)
 LOCK_FILE = "write.lock"
 SCHEMA_VERSION = 2  # 2: passages_fts (FTS5, BM25) kept in step with passages by triggers
 FTS_SCHEMA = [
@@ -113,7 +114,9 @@ def collection_dir(data_dir: Path | str, name: str) -> Path:
 def list_collections(data_dir: Path | str) -> list[str]:
     """Names of the collections under ``data_dir``."""
     root = Path(data_dir)
-    return sorted(p.name for p in root.iterdir() if (p / DB_FILE).exists()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / DB_FILE).exists() or (p / SHARDS_FILE).exists())
 
 
 def _metadata_json(metadata: dict) -> str:
@@ -236,21 +239,25 @@ class Collection:
     # -- opening -------------------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: Path | str, manifest: Manifest, use_gpu: bool | None = None) -> Collection:
+    def create(
+        cls, path: Path | str, manifest: Manifest, use_gpu: bool | None = None, first_passage_id: int = 1
+    ) -> Collection:
         """Create an empty collection directory; refuses a directory that already holds one.
+
+        ``first_passage_id`` is where passage ids start (the shards of a sharded collection use disjoint ranges).
 
         The collection is built in a staging directory and renamed into place, so no other process can open a
         half-created one, and of two processes creating the same collection exactly one wins
         (the other gets :class:`CollectionExistsError` and can open the winner's).
         """
         path = Path(path)
-        if (path / DB_FILE).exists():
+        if (path / DB_FILE).exists() or (path / SHARDS_FILE).exists():
             raise CollectionExistsError(f"a collection already exists at {path}; open it instead")
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.parent / f".{path.name}.creating-{secrets.token_hex(4)}"
         staging.mkdir()
         try:
-            cls._initialise(staging, manifest)
+            cls._initialise(staging, manifest, first_passage_id)
             os.rename(staging, path)  # atomic; fails when another process renamed its copy first
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -263,7 +270,7 @@ class Collection:
         return cls.open(path, use_gpu=use_gpu)
 
     @classmethod
-    def _initialise(cls, path: Path, manifest: Manifest) -> None:
+    def _initialise(cls, path: Path, manifest: Manifest, first_passage_id: int = 1) -> None:
         collection = cls(path, manifest, use_gpu=False)
         db = collection._db
         with db.atomic():
@@ -284,8 +291,10 @@ class Collection:
             for statement in FTS_SCHEMA:
                 db.execute(statement)
             db["manifest"].insert(asdict(manifest))
+            if first_passage_id > 1:
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('passages', ?)", [first_passage_id - 1])
         collection._index = VectorIndex.empty(manifest.dim, use_gpu=False)
-        collection._stamp = Stamp(max_passage_id=0, deletion_seq=0, ntotal=0, dim=manifest.dim)
+        collection._stamp = Stamp(max_passage_id=first_passage_id - 1, deletion_seq=0, ntotal=0, dim=manifest.dim)
         collection.checkpoint()
         collection.close()
 
@@ -510,6 +519,10 @@ class Collection:
             ):
                 out[doc_id] = (digest, metadata)
         return out
+
+    def all_document_states(self) -> dict[str, tuple[str, str]]:
+        """``document_states`` of every stored document (what a distributed ingest classifies against)."""
+        return {r[0]: (r[1], r[2]) for r in self._db.execute("SELECT id, content_hash, metadata FROM documents")}
 
     @staticmethod
     def is_unchanged(doc: Document, state: tuple[str, str] | None) -> tuple[bool, bool]:
@@ -786,6 +799,38 @@ class Collection:
                 db.conn.executemany("INSERT INTO deletions (passage_id) VALUES (?)", [(p,) for p in removed])
             self._replay()
         return len(existing)
+
+    def iter_documents(self, batch: int = 512) -> Iterator[tuple[list[Document], list[Passage], np.ndarray]]:
+        """Every document with its passages and stored vectors, ``batch`` documents at a time, from one snapshot."""
+        db = self._db
+        with db.atomic():
+            last = ""
+            while True:
+                rows = db.execute(
+                    "SELECT id, title, text, metadata FROM documents WHERE id > ? ORDER BY id LIMIT ?", [last, batch]
+                ).fetchall()
+                if not rows:
+                    return
+                documents = [Document(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+                marks = ",".join("?" * len(rows))
+                stored = db.execute(
+                    f'SELECT document_id, ordinal, text, start, "end", vector FROM passages '
+                    f"WHERE document_id IN ({marks}) ORDER BY document_id, ordinal",
+                    [r[0] for r in rows],
+                ).fetchall()
+                passages = [Passage(r[0], r[1], r[2], r[3], r[4]) for r in stored]
+                vectors = self._vectors([r[5] for r in stored]) if stored else np.zeros((0, self.dim), "float32")
+                yield documents, passages, vectors
+                last = rows[-1][0]
+
+    def health(self) -> dict:
+        """Counts and placement, as shown by ``/health``."""
+        return {
+            "index_vectors": self.index_size,
+            "passages": self.count_passages(),
+            "documents": self.count_documents(),
+            "index_on_gpu": self.on_gpu,
+        }
 
     def info(self) -> dict:
         """Manifest and counts, as shown by ``stella-search info``."""

@@ -47,6 +47,10 @@ class CollectionBusyError(ConflictError):
     """Another process holds the collection's write lock (HTTP 409)."""
 
 
+class ShardUnavailableError(StellaSearchError):
+    """A shard of a collection served on Ray did not answer after retries (HTTP 503, Retry-After)."""
+
+
 class CorruptCollectionError(StellaSearchError):
     """A collection's SQLite file cannot be read; it is left untouched for the operator (HTTP 500)."""
 
