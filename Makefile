@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is the CPU wheel; a looser request would pull GB of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[$(FAISS_EXTRA),dev]"
+	$(PY) -m pip install -q -e ".[$(FAISS_EXTRA),dev,ray]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -98,6 +98,14 @@ class ServerSettings(_Section):
     )
 
 
+class RaySettings(_Section):
+    """Resources per Ray Serve replica and Ray Data actor (``--ray``); logical CPUs, as Ray schedules them."""
+
+    gateway_cpus: float = Field(0.25, ge=0, description="the HTTP ingress replica (FastAPI app, fan-out, merge)")
+    shard_cpus: float = Field(0.25, ge=0, description="each shard replica (FAISS search, SQLite)")
+    encoder_cpus: float = Field(1.0, ge=0, description="each encoder replica or ingest actor without a GPU")
+
+
 class Settings(_Section):
     data_dir: Path = Path("data")
     snapshot_dir: Path | None = Field(None, description="where snapshots go; None means <data_dir>/.snapshots")
@@ -107,6 +115,7 @@ class Settings(_Section):
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
 
 
 def snapshot_dir(settings: Settings) -> Path:

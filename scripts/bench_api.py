@@ -53,7 +53,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def load_level(url: str, queries: list[str], clients: int, seconds: float, k: int) -> dict:
+async def load_level(
+    url: str, queries: list[str], clients: int, seconds: float, k: int, collection: str = "default"
+) -> dict:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -63,7 +65,9 @@ async def load_level(url: str, queries: list[str], clients: int, seconds: float,
         i = offset
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            response = await http.post("/collections/default/search", json={"query": queries[i % len(queries)], "k": k})
+            response = await http.post(
+                f"/collections/{collection}/search", json={"query": queries[i % len(queries)], "k": k}
+            )
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - started)
             else:

@@ -100,21 +100,30 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="seconds to wait for another writer of the collection before giving up",
 )
+@click.option(
+    "--shards",
+    type=click.IntRange(1, 256),
+    help="split a new collection into N shards by a hash of document id (fixed at creation)",
+)
+@click.option("--ray", "ray_address", help="encode on a Ray cluster: 'auto' (the running one) or its ADDRESS")
+@click.option("--workers", type=click.IntRange(1), help="with --ray: encoder actors (default: one per GPU, else 2)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def ingest(paths, config, wait, as_json, **flags):
+def ingest(paths, config, wait, shards, ray_address, workers, as_json, **flags):
     """Split, encode and index documents from JSONL (BEIR), CSV, .txt/.md files or folders."""
-    from indexer.pipeline import ingest_paths
-
     settings = _settings(config, **flags)
-    report = ingest_paths(
-        [Path(p) for p in paths],
-        settings.data_dir,
-        settings.collection,
-        settings,
-        model=flags["model"],
-        dim=flags["dim"],
-        wait=wait,
-    )
+    arguments = dict(model=flags["model"], dim=flags["dim"], wait=wait, shards=shards)
+    if ray_address:
+        from indexer.distributed import ingest_paths_on_ray
+
+        arguments.update(address=ray_address, workers=workers)
+        ingest_function = ingest_paths_on_ray
+    else:
+        from indexer.pipeline import ingest_paths
+
+        if workers is not None:
+            raise click.UsageError("--workers needs --ray")
+        ingest_function = ingest_paths
+    report = ingest_function([Path(p) for p in paths], settings.data_dir, settings.collection, settings, **arguments)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -192,11 +201,13 @@ def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset,
         took_ms = response.took_ms
     else:
         from indexer.encoder import configure_search_threads
-        from indexer.pipeline import encoder_for_collection, open_collection
+        from indexer.pipeline import encoder_for_collection
         from search_api.retrieval import Retriever, SearchOptions
+        from storage.collection import collection_dir
+        from storage.sharding import open_collection
 
         configure_search_threads(settings)
-        with open_collection(settings.data_dir, settings.collection) as collection:
+        with open_collection(collection_dir(settings.data_dir, settings.collection)) as collection:
             encoder = encoder_for_collection(collection, settings, flags["model"]) if mode != "lexical" else None
             started = time.perf_counter()
             found = Retriever(collection, encoder).search(SearchOptions(query=query, k=k, **options))
@@ -302,9 +313,10 @@ def _slug(model: str) -> str:
 @click.option("--filter", "filter_json", help='metadata filter as JSON, e.g. \'{"year": {"$lt": 2000}}\'')
 @click.option("--wait", type=float, default=0.0, show_default=True, help="seconds to wait for another writer")
 def delete(data_dir, collection, config, ids, filter_json, wait):
-    """Delete documents by id and/or metadata filter, in one transaction."""
-    from storage.collection import Collection, collection_dir
+    """Delete documents by id and/or metadata filter, in one transaction (per shard)."""
+    from storage.collection import collection_dir
     from storage.errors import InvalidInputError
+    from storage.sharding import open_collection
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
     where = None
@@ -315,7 +327,7 @@ def delete(data_dir, collection, config, ids, filter_json, wait):
             raise InvalidInputError(f"--filter is not JSON: {exc}") from None
     if not ids and where is None:
         raise InvalidInputError("name the documents to delete with --id and/or --filter")
-    with Collection.open(collection_dir(settings.data_dir, settings.collection)) as opened:
+    with open_collection(collection_dir(settings.data_dir, settings.collection)) as opened:
         with opened.writing(wait):
             deleted = opened.delete(list(ids), where=where)
         opened.checkpoint()
@@ -329,12 +341,18 @@ def delete(data_dir, collection, config, ids, filter_json, wait):
 @click.option("--out", type=click.Path(file_okay=False), help="snapshot directory (default: under snapshot_dir)")
 @click.option("--wait", type=float, default=60.0, show_default=True, help="seconds to wait for another writer")
 def snapshot(data_dir, collection, config, out, wait):
-    """Copy a collection consistently (SQLite backup API + index checkpoint), also while it is being served."""
+    """Copy a collection consistently (SQLite backup API + index checkpoint), also while it is being served.
+
+    A sharded collection is snapshotted shard by shard: each shard is an ordinary collection
+    (``--data-dir DATA/NAME --collection shard-000``).
+    """
     from indexer.settings import snapshot_dir
     from storage.collection import Collection, collection_dir
+    from storage.sharding import refuse_sharded
     from storage.snapshots import snapshot_name, take_snapshot
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
+    refuse_sharded(collection_dir(settings.data_dir, settings.collection), "snapshot")
     destination = Path(out) if out else snapshot_dir(settings) / snapshot_name(settings.collection)
     with Collection.open(collection_dir(settings.data_dir, settings.collection)) as opened:
         info = take_snapshot(opened, destination, wait=wait)
@@ -358,6 +376,29 @@ def restore(snapshot_path, data_dir, collection, config, replace):
     click.echo(f"restored {snapshot_path} as {target}: {info['documents']} documents, {info['passages']} passages")
 
 
+@main.command(name="reshard")
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--collection", help="the collection to copy (default: 'default')")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--shards", type=click.IntRange(1, 256), required=True, help="shards of the new collection")
+@click.option("--to", "target", required=True, help="name of the new collection")
+def reshard_command(data_dir, collection, config, shards, target):
+    """Copy a collection into a new one with --shards shards, from its stored vectors (nothing is re-encoded).
+
+    Serve the new one (or swap the directories while nothing serves them) to change a collection's shard count.
+    """
+    from storage.collection import collection_dir
+    from storage.sharding import open_collection, reshard
+
+    settings = _settings(config, data_dir=data_dir, collection=collection)
+    with open_collection(collection_dir(settings.data_dir, settings.collection)) as source:
+        with reshard(source, collection_dir(settings.data_dir, target), shards) as copy:
+            click.echo(
+                f"copied {settings.collection} into {target}: {shards} shard(s), {copy.count_documents()} documents, "
+                f"{copy.count_passages()} passages"
+            )
+
+
 @main.command(name="index-field")
 @click.argument("field")
 @click.option("--data-dir", type=click.Path(file_okay=False))
@@ -366,10 +407,11 @@ def restore(snapshot_path, data_dir, collection, config, replace):
 @click.option("--wait", type=float, default=0.0, show_default=True, help="seconds to wait for another writer")
 def index_field(field, data_dir, collection, config, wait):
     """Index a metadata FIELD so filters on it ($eq, $in, ranges) use an index instead of scanning."""
-    from storage.collection import Collection, collection_dir
+    from storage.collection import collection_dir
+    from storage.sharding import open_collection
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
-    with Collection.open(collection_dir(settings.data_dir, settings.collection)) as opened:
+    with open_collection(collection_dir(settings.data_dir, settings.collection)) as opened:
         with opened.writing(wait):
             rows = opened.index_field(field)
         fields = sorted(opened.indexed_fields())
@@ -381,14 +423,15 @@ def index_field(field, data_dir, collection, config, wait):
 @click.option("--collection", help="one collection (default: all under --data-dir)")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False))
 def info(data_dir, collection, config):
-    """Print the manifest and counts of the collections."""
-    from storage.collection import Collection, collection_dir, list_collections
+    """Print the manifest and counts of the collections (and of each shard of a sharded one)."""
+    from storage.collection import collection_dir, list_collections
+    from storage.sharding import open_collection
 
     settings = _settings(config, data_dir=data_dir)
     names = [collection] if collection else list_collections(settings.data_dir)
     out = []
     for name in names:
-        with Collection.open(collection_dir(settings.data_dir, name)) as opened:
+        with open_collection(collection_dir(settings.data_dir, name)) as opened:
             out.append(opened.info())
     click.echo(json.dumps(out, indent=2))
 
@@ -401,13 +444,22 @@ def info(data_dir, collection, config):
 @click.option("--model", help="model to load when the data dir has no collection yet")
 @click.option("--device", help="auto, cpu, cuda, cuda:N")
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), help="encoder runtime (onnx: CPU only)")
-def serve(data_dir, config, host, port, model, device, backend):
-    """Serve the collections under --data-dir over HTTP (FastAPI under uvicorn)."""
+@click.option("--ray", "ray_address", help="serve on Ray Serve: 'auto' (the running cluster) or its ADDRESS")
+@click.option("--shard-replicas", type=click.IntRange(1), default=1, show_default=True, help="with --ray")
+@click.option("--encoder-replicas", type=click.IntRange(1), default=1, show_default=True, help="with --ray")
+def serve(data_dir, config, host, port, model, device, backend, ray_address, shard_replicas, encoder_replicas):
+    """Serve the collections under --data-dir over HTTP (FastAPI under uvicorn, or on Ray Serve with --ray)."""
+    settings = _settings(config, data_dir=data_dir, host=host, port=port, model=model, device=device, backend=backend)
+    if ray_address:
+        from search_api.cluster import serve_on_ray
+
+        click.echo(f"deploying {settings.data_dir} on Ray Serve ({ray_address})", err=True)
+        serve_on_ray(settings, ray_address, shard_replicas, encoder_replicas)
+        return
     import uvicorn
 
     from search_api.app import create_app
 
-    settings = _settings(config, data_dir=data_dir, host=host, port=port, model=model, device=device, backend=backend)
     app = create_app(settings)
     click.echo(
         f"serving {settings.data_dir} on http://{settings.server.host}:{settings.server.port} (docs at /docs)",

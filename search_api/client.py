@@ -178,9 +178,9 @@ class SearchClient(_Calls):
         return [schemas.CollectionInfo.model_validate(c) for c in self._request("GET", "/collections")]
 
     def create_collection(
-        self, name: str, model: str | None = None, dim: int | None = None, prompt_type: str = "s2p"
+        self, name: str, model: str | None = None, dim: int | None = None, prompt_type: str = "s2p", shards: int = 1
     ) -> schemas.CollectionInfo:
-        body = {"name": name, "model": model, "dim": dim, "prompt_type": prompt_type}
+        body = {"name": name, "model": model, "dim": dim, "prompt_type": prompt_type, "shards": shards}
         return schemas.CollectionInfo.model_validate(self._request("POST", "/collections", json=body))
 
     def delete_collection(self, name: str) -> schemas.Deleted:
