@@ -1,6 +1,9 @@
 """Sharded collections on one machine: placement, exact merged search, writes at the owning shard, CLI and HTTP."""
 
 import json
+import os
+import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -169,3 +172,40 @@ def test_http_creates_a_sharded_collection_and_serves_it(tmp_path, minilm):
         assert bad.status_code == 422
     with open_collection(tmp_path / "data" / "docs") as reopened:
         assert isinstance(reopened, ShardedCollection) and reopened.count_documents() == 30
+
+
+def _run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=os.environ
+    )
+
+
+def test_ray_options_without_the_extra_name_it(tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", CORPUS[:3])
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # what an install without the [ray] extra looks like
+        "from search_api.cli import main\n"
+        f"main(['ingest', {str(corpus)!r}, '--data-dir', 'data', '--model', 'minilm', '--ray', 'auto'])"
+    )
+    result = _run_python(code, tmp_path)
+    assert result.returncode == 2
+    assert "--ray needs Ray: pip install 'stella-search[ray]'" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_single_machine_use_never_imports_ray(tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", CORPUS[:5])
+    code = (
+        "import sys\n"
+        "from search_api.cli import main\n"
+        "for argv in (['ingest', 'corpus.jsonl', '--data-dir', 'data', '--model', 'minilm', '--shards', '2'],\n"
+        "             ['search', 'cells', '--data-dir', 'data', '-k', '2']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, exit.code\n"
+        "print('ray imported' if 'ray' in sys.modules else 'no ray')"
+    )
+    result = _run_python(code, tmp_path)
+    assert corpus.exists() and result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("no ray")
