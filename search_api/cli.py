@@ -1,8 +1,9 @@
-"""The ``stella-search`` command: a thin shell over the Python API (ingest, search, eval, info, serve).
+"""The ``stella-search`` command: a thin shell over the Python API (ingest, search, eval, optimize, info, serve).
 
 stella-search ingest corpus.jsonl --data-dir data --model minilm
 stella-search search "what is a vector index" --data-dir data -k 5
 stella-search eval ../shared/data/msmarco --model minilm
+stella-search optimize --data-dir data --index auto --recall 0.95
 stella-search info --data-dir data
 """
 
@@ -416,6 +417,38 @@ def index_field(field, data_dir, collection, config, wait):
             rows = opened.index_field(field)
         fields = sorted(opened.indexed_fields())
     click.echo(f"indexed {field!r} in {settings.collection} ({rows} values); indexed fields: {', '.join(fields)}")
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--collection", help="collection name (default: 'default')")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--index",
+    "index_type",
+    help="auto, Flat, HNSW32, or an IVF factory string (IVF,SQ8  IVF4096,SQ8  IVF,Flat  IVF,PQ48); "
+    "default: the collection's last choice, else auto",
+)
+@click.option(
+    "--recall",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.95,
+    show_default=True,
+    help="recall@10 against exact search that nprobe / efSearch are tuned to, on held-out stored vectors",
+)
+@click.option("--wait", type=float, default=60.0, show_default=True, help="seconds to wait for another writer")
+def optimize(data_dir, collection, config, index_type, recall, wait):
+    """Rebuild a collection's vector index from SQLite (auto: Flat when small, IVF-SQ8 when large) and tune it.
+
+    A sharded collection is optimized shard by shard, each for its own size.
+    """
+    from storage.collection import collection_dir
+    from storage.sharding import open_collection
+
+    settings = _settings(config, data_dir=data_dir, collection=collection)
+    with open_collection(collection_dir(settings.data_dir, settings.collection)) as opened:
+        report = opened.optimize(index_type, recall=recall, wait=wait)
+    click.echo(json.dumps(report, indent=2))
 
 
 @main.command()

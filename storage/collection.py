@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,7 +46,20 @@ from storage.errors import (
 )
 from storage.filters import KEY, compile_filter
 from storage.locking import ReadWriteLock, WriterLock
-from storage.vector_index import INDEX_TYPE, Stamp, VectorIndex
+from storage.vector_index import (
+    AUTO,
+    DEFAULT_RECALL,
+    INDEX_TYPE,
+    TRAIN_POINTS_PER_LIST,
+    Stamp,
+    VectorIndex,
+    drop_self,
+    import_faiss,
+    index_family,
+    resolve_index_type,
+    top_k,
+    tune,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +103,13 @@ METADATA_INDEX_SCHEMA = [
 ]
 STORAGE_VERSION = "0.1.0"
 _SQL_CHUNK = 900  # stay under SQLite's bound-parameter limit on old builds
+_READ_CHUNK = 4096  # rows per read while (re)building an index
+# A filter matching at most this many passages is answered exactly from their stored vectors when the index is
+# approximate: a few thousand rows read from SQLite cost milliseconds, and small filtered sets are where
+# selector-filtered IVF/HNSW search loses recall.
+EXACT_FILTER_MAX = 4096
+TUNING_QUERIES = 1000  # held-out vectors per tuning run: recall@10 to about +-0.01
+TUNING_K = 10
 _READ_ATTEMPTS = 20
 
 
@@ -140,6 +160,13 @@ def metadata_to_json(document_id: str, metadata) -> str:
         raise InvalidInputError(f"{where}: metadata must be plain JSON without NaN or Infinity ({exc})") from None
 
 
+def _json_dict(value) -> dict:
+    """A JSON object column as a dict (None or missing: empty)."""
+    if isinstance(value, dict):
+        return value
+    return json.loads(value) if value else {}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -156,7 +183,10 @@ class Manifest:
     prompt_type: str = "s2p"
     max_length: int = 512
     normalized: bool = True
-    index_type: str = INDEX_TYPE
+    index_type: str = INDEX_TYPE  # FAISS factory string of the current index
+    # how the index was chosen and tuned: requested (auto or a type), search (nprobe / efSearch),
+    # recall_at_10 at tuning, recall_target, tuning_queries, vectors, build_seconds, built_at
+    index_params: dict = field(default_factory=dict)
     created_by: str = f"stella-search {STORAGE_VERSION}"
     created_at: str = field(default_factory=_now)
     schema_version: int = SCHEMA_VERSION
@@ -318,7 +348,8 @@ class Collection:
             raise CorruptCollectionError(f"{path / DB_FILE} has {len(rows)} manifest rows, expected 1")
         known = {f.name for f in fields(Manifest)}
         stored = {k: v for k, v in rows[0].items() if k in known}
-        probe.manifest = Manifest(**{**stored, "normalized": bool(stored["normalized"])})
+        stored.update(normalized=bool(stored["normalized"]), index_params=_json_dict(stored.get("index_params")))
+        probe.manifest = Manifest(**stored)
         probe._migrate()
         probe._load_index()
         return probe
@@ -341,11 +372,18 @@ class Collection:
             )
 
     def _load_index(self) -> None:
-        loaded = VectorIndex.load(self.path, self.manifest.dim, use_gpu=self._use_gpu)
+        loaded = VectorIndex.load(
+            self.path,
+            self.manifest.dim,
+            use_gpu=self._use_gpu,
+            index_type=self.manifest.index_type,
+            search_params=self.manifest.index_params.get("search"),
+        )
         if loaded is None:
             self._rebuild_index()
             return
-        self._index, self._stamp = loaded
+        with self._view.write():
+            self._index, self._stamp = loaded
         self._replay()
         if self._index.ntotal != self.count_passages():
             log.warning(
@@ -357,29 +395,93 @@ class Collection:
             self._rebuild_index()
 
     def _rebuild_index(self) -> None:
+        """Rebuild the manifest's index type from SQLite with its recorded search parameters (no re-tuning)."""
+        index, stamp, report = self._build_index(self.manifest.index_type)
+        with self._view.write():
+            self._index, self._stamp = index, stamp
+        log.info(
+            "rebuilt index of %s (%s) from SQLite: %d vectors in %.2fs",
+            self.path,
+            self.manifest.index_type,
+            index.ntotal,
+            report["build_seconds"],
+        )
+        self.checkpoint()
+
+    def _build_index(self, index_type: str, recall_target: float | None = None) -> tuple[VectorIndex, Stamp, dict]:
+        """An index of ``index_type`` over every vector in SQLite, read in one snapshot; with its stamp and a report.
+
+        Types that need training are trained on a random sample of the stored vectors. With ``recall_target``
+        the search parameters are tuned (:func:`storage.vector_index.tune`) on up to ``TUNING_QUERIES`` stored
+        vectors acting as held-out queries, against exact top-10 lists accumulated while the vectors stream in;
+        without it the manifest's recorded parameters are kept.
+        """
         started = time.perf_counter()
-        self._index = VectorIndex.empty(self.manifest.dim, use_gpu=self._use_gpu)
+        faiss = import_faiss()
+        rng = np.random.default_rng(0)
+        same_type = index_type == self.manifest.index_type
+        params = dict(self.manifest.index_params.get("search", {})) if same_type else {}
         db = self._db
         with db.atomic():  # one read snapshot for rows and stamp
             max_id, max_seq = self._high_water_marks()
+            ids = np.fromiter(
+                (r[0] for r in db.execute("SELECT id FROM passages WHERE id <= ? ORDER BY id", [max_id])), "int64"
+            )
+            probe = faiss.index_factory(self.dim, index_type, faiss.METRIC_INNER_PRODUCT)
+            training = None
+            if not probe.is_trained:
+                ivf = faiss.try_extract_index_ivf(probe)
+                wanted = TRAIN_POINTS_PER_LIST * ivf.nlist if ivf is not None else 65_536
+                training = self._vectors_by_id(np.sort(rng.choice(ids, min(len(ids), wanted), replace=False)))
+            index = VectorIndex.create(index_type, self.dim, training, params, use_gpu=self._use_gpu)
+            tuning = recall_target is not None and index_family(index_type) != "flat" and len(ids) > 2 * TUNING_K
+            if tuning:
+                query_ids = np.sort(rng.choice(ids, min(TUNING_QUERIES, max(100, len(ids) // 10), len(ids)), False))
+                queries = self._vectors_by_id(query_ids)
+                exact = faiss.ResultHeap(len(queries), TUNING_K + 1, keep_max=True)
             last = 0
             while True:
                 rows = db.execute(
-                    "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id LIMIT 4096",
-                    [last, max_id],
+                    "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    [last, max_id, _READ_CHUNK],
                 ).fetchall()
                 if not rows:
                     break
-                self._index.add(self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows]))
+                vectors, chunk_ids = self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows])
+                index.add(vectors, chunk_ids)
+                if tuning:
+                    scores, found = faiss.knn(queries, vectors, TUNING_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
+                    exact.add_result(scores, np.where(found >= 0, chunk_ids[found], -1))
                 last = rows[-1][0]
-        self._stamp = Stamp(max_passage_id=max_id, deletion_seq=max_seq, ntotal=self._index.ntotal, dim=self.dim)
-        log.info(
-            "rebuilt index of %s from SQLite: %d vectors in %.2fs",
-            self.path,
-            self._index.ntotal,
-            time.perf_counter() - started,
+        report: dict = {"search": params}
+        if tuning:
+            exact.finalize()
+            truth = drop_self(exact.I, query_ids, TUNING_K)
+            search, recall = tune(index, queries, query_ids, truth, recall_target)
+            report = {
+                "search": search,
+                "recall_at_10": round(recall, 4),
+                "recall_target": recall_target,
+                "tuning_queries": len(query_ids),
+            }
+        elif index_family(index_type) == "flat":
+            report = {"search": {}, "recall_at_10": 1.0}
+        report.update(
+            vectors=index.ntotal,
+            build_seconds=round(time.perf_counter() - started, 2),
+            built_at=_now(),
         )
-        self.checkpoint()
+        return index, index.stamp(max_id, max_seq), report
+
+    def _vectors_by_id(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of passages ``ids``, in that order (every id must exist)."""
+        found: dict[int, bytes] = {}
+        id_list = [int(i) for i in ids]
+        for i in range(0, len(id_list), _SQL_CHUNK):
+            chunk = id_list[i : i + _SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._db.execute(f"SELECT id, vector FROM passages WHERE id IN ({marks})", chunk).fetchall())
+        return self._vectors([found[i] for i in id_list]) if id_list else np.empty((0, self.dim), "float32")
 
     def _high_water_marks(self) -> tuple[int, int]:
         seqs = dict(self._db.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
@@ -412,7 +514,7 @@ class Collection:
                 self._index.remove(deleted)
                 if rows:
                     self._index.add(self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows]))
-                self._stamp = Stamp(max_id, max_seq, self._index.ntotal, self.dim)
+                self._stamp = self._index.stamp(max_id, max_seq)
 
     def checkpoint(self) -> None:
         """Write the FAISS index to disk, stamped with what it contains.
@@ -421,10 +523,25 @@ class Collection:
         is writing (the checkpoint only saves replay time: SQLite already holds everything).
         """
         try:
-            with self._writer.hold(wait=0), self._apply_lock:
-                self._stamp = self._index.save(self.path, self._stamp)
+            with self._writer.hold(wait=0):
+                self._follow_index_change()
+                with self._apply_lock:
+                    self._stamp = self._index.save(self.path, self._stamp)
         except CollectionBusyError:
             log.debug("checkpoint of %s skipped: another process is writing it", self.path)
+
+    def _follow_index_change(self) -> None:
+        """Adopt the index another process's ``optimize`` installed: its manifest row no longer matches ours.
+
+        Called under the writer lock, so this process never checkpoints its old index over the new file.
+        """
+        row = next(self._db["manifest"].rows)
+        index_type, params = row["index_type"], _json_dict(row.get("index_params"))
+        if (index_type, params) == (self.manifest.index_type, self.manifest.index_params):
+            return
+        log.info("collection %s was re-indexed as %s by another process; loading it", self.name, index_type)
+        self.manifest = replace(self.manifest, index_type=index_type, index_params=params)
+        self._load_index()
 
     def checkpoint_to(self, directory: Path) -> None:
         """Write the index and its stamp into another directory (a snapshot being taken)."""
@@ -474,6 +591,7 @@ class Collection:
         Other processes' writers wait or fail with a message naming the holder; searches are not blocked.
         """
         with self._writer.hold(wait):
+            self._follow_index_change()
             self._replay()
             yield
 
@@ -656,9 +774,14 @@ class Collection:
                 allowed = self._allowed_ids(where) if where is not None else None
                 with self._view.read():
                     current = marks == (self._stamp.max_passage_id, self._stamp.deletion_seq)
-                    if current:
+                    exact_subset = (
+                        allowed is not None and 0 < len(allowed) <= EXACT_FILTER_MAX and not self._index.exact
+                    )
+                    if current and not exact_subset:
                         scores, ids = self._index.search(query_vectors, k, allowed)
                 if current:
+                    if exact_subset:  # same snapshot as the filter: exact over the matches' stored vectors
+                        scores, ids = top_k(query_vectors @ self._vectors_by_id(allowed).T, allowed, k)
                     rows = self._passage_rows({int(i) for i in ids.ravel() if i >= 0})
                     return [
                         [self._hit(rows[int(i)], float(s)) for s, i in zip(qs, qi) if int(i) in rows]
@@ -832,6 +955,52 @@ class Collection:
             "index_on_gpu": self.on_gpu,
         }
 
+    def optimize(self, index: str | None = None, recall: float = DEFAULT_RECALL, wait: float = 60.0) -> dict:
+        """Rebuild the vector index from SQLite as ``index`` and tune it to ``recall``@10 against exact search.
+
+        ``index`` is ``auto``, ``Flat``, ``HNSW32`` or an IVF factory string (see
+        :func:`storage.vector_index.resolve_index_type`); None repeats the collection's last request (``auto``
+        at first). Runs under the writer lock while searches go on against the old index; the new index file is
+        written next to the old and renamed over it, then the manifest records type, search parameters and the
+        measured recall (that commit is what makes it the collection's index), then searches switch to it.
+
+        >>> collection.optimize("HNSW32")["search"]
+        {'efSearch': 24}
+        """
+        if not 0 < recall <= 1:
+            raise InvalidInputError(f"recall target must be in (0, 1], not {recall}")
+        with self.writing(wait):
+            requested = (index or self.manifest.index_params.get("requested") or AUTO).strip()
+            index_type = resolve_index_type(requested, self.count_passages())
+            built, stamp, report = self._build_index(index_type, recall)
+            params = {"requested": requested, **report}
+            with self._apply_lock:
+                stamp = built.save(self.path, stamp)
+                db = self._db
+                with db.atomic():
+                    if "index_params" not in db["manifest"].columns_dict:
+                        db.execute("ALTER TABLE manifest ADD COLUMN index_params TEXT")
+                    db.execute("UPDATE manifest SET index_type = ?, index_params = ?", [index_type, json.dumps(params)])
+                with self._view.write():
+                    self._index, self._stamp = built, stamp
+                    self.manifest = replace(self.manifest, index_type=index_type, index_params=params)
+        log.info("optimized %s: %s, %s", self.name, index_type, params)
+        return {"name": self.name, "index_type": index_type, **params}
+
+    def optimize_advice(self) -> str | None:
+        """Why ``optimize`` would help now (outgrown index, many tombstones), or None."""
+        params = self.manifest.index_params
+        passages = self.count_passages()
+        wanted = resolve_index_type(params.get("requested") or AUTO, passages)
+        current = self.manifest.index_type
+        if index_family(wanted) != index_family(current):
+            return f"{passages} passages: {params.get('requested') or AUTO} now means {wanted}, not {current}"
+        if index_family(current) == "ivf" and passages > 4 * max(1, params.get("vectors", passages)):
+            return f"{passages} passages, over 4x the {params.get('vectors')} the lists were trained for"
+        if self._index.tombstones > 0.2 * max(1, self.index_size):
+            return f"{self._index.tombstones} deleted vectors still in the HNSW graph (excluded at search time)"
+        return None
+
     def info(self) -> dict:
         """Manifest and counts, as shown by ``stella-search info``."""
         return {
@@ -841,6 +1010,8 @@ class Collection:
             "documents": self.count_documents(),
             "passages": self.count_passages(),
             "index_vectors": self.index_size,
+            "index_tombstones": self._index.tombstones,
+            "optimize_advised": self.optimize_advice(),
             "indexed_fields": sorted(self.indexed_fields()),
             "index_on_gpu": self.on_gpu,
         }

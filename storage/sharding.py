@@ -43,6 +43,7 @@ from storage.collection import (
     WriteResult,
 )
 from storage.errors import CollectionExistsError, InvalidInputError, NotFoundError
+from storage.vector_index import DEFAULT_RECALL
 
 MAX_SHARDS = 256
 PASSAGE_ID_BITS = 40  # shard i's passage ids start at i << 40: room for a trillion passages per shard
@@ -337,6 +338,11 @@ class ShardedCollection:
 
     def index_field(self, field_name: str) -> int:
         return sum(shard.index_field(field_name) for shard in self.shards)
+
+    def optimize(self, index: str | None = None, recall: float = DEFAULT_RECALL, wait: float = 60.0) -> dict:
+        """``Collection.optimize`` on each shard in turn (one index build in memory at a time)."""
+        reports = [shard.optimize(index, recall=recall, wait=wait) for shard in self.shards]
+        return {"name": self.name, "shards": reports}
 
     def checkpoint(self) -> None:
         self._each(lambda s: s.checkpoint())

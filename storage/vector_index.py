@@ -1,8 +1,20 @@
-"""The FAISS side of a collection: an id-mapped exact inner-product index, its checkpoint file, its GPU copy.
+"""The FAISS side of a collection: an inner-product index of one type, its checkpoint file, its GPU copy.
 
 FAISS ids are the SQLite passage ids, so a search hit maps straight back to its row.
 The checkpoint is ``index.faiss`` plus ``index.json`` (the stamp): the last passage id and deletion sequence
-the file contains, and the file's sha256. Both are written atomically (temp file, fsync, rename).
+the file contains, the index type, any tombstones, and the file's sha256. Both are written atomically
+(temp file, fsync, rename).
+
+Index types are FAISS factory strings, kept as FAISS spells them (:func:`resolve_index_type`):
+
+- ``IDMap2,Flat``: exact search (the default, and what ``auto`` picks below ``AUTO_FLAT_MAX`` vectors);
+- ``IVF{nlist},SQ8`` (or ``,Flat``, ``,SQ8``, ``,PQ{m}`` codes; ``IVF{nlist}_HNSW32,...`` at a million vectors and
+  more): inverted lists, ids stored natively, searched with ``nprobe``;
+- ``IDMap2,HNSW{M}``: a graph, searched with ``efSearch``. HNSW cannot remove vectors, so deletes become tombstones
+  excluded by an ``IDSelector`` at search time until the next rebuild (``Collection.optimize``).
+
+Search parameters of the approximate types are tuned at build time by :func:`tune` and applied per search with
+FAISS ``SearchParameters`` objects (never by mutating the shared index, which other threads may be searching).
 
 >>> index = VectorIndex.empty(dim=384)
 >>> index.add(np.eye(2, 384, dtype="float32"), np.array([7, 9]))
@@ -15,19 +27,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from storage.errors import FaissNotInstalledError
+from storage.errors import FaissNotInstalledError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
-INDEX_TYPE = "IDMap2,Flat"
+INDEX_TYPE = "IDMap2,Flat"  # exact search: new collections, and every collection made before index types existed
+AUTO = "auto"
+# Below this many vectors ``auto`` keeps exact search: one-thread Flat search is then ~2.5 ms a query, under the
+# ~5-10 ms a MiniLM query encode costs on this CPU, so approximation would buy little and cost recall and builds.
+AUTO_FLAT_MAX = 50_000
+AUTO_HNSW_QUANTIZER_MIN = 1_000_000  # from here the coarse quantiser itself is an HNSW graph over the centroids
+NLIST_PER_SQRT_N = 4  # low end of the usual 4-16 x sqrt(N): k-means on 2 CPU cores stays within minutes
+TRAIN_POINTS_PER_LIST = 64  # k-means sample per centroid (FAISS warns below 39; its default cap is 256)
+HNSW_EF_CONSTRUCTION = 80  # FAISS's default 40 leaves recall on the table at little build-time saving
+DEFAULT_RECALL = 0.95
+NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 GPU_MAX_K = 2048  # the largest k FAISS GPU flat search accepts
 EXACT_SUBSET_MAX = 65_536  # below this many matches, filtered GPU search is brute force over the matches
 
@@ -96,15 +120,114 @@ def gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def auto_nlist(n: int) -> int:
+    """Inverted lists for ``n`` vectors: ``NLIST_PER_SQRT_N * sqrt(n)``, at least 1."""
+    return max(1, round(NLIST_PER_SQRT_N * math.sqrt(n)))
+
+
+def resolve_index_type(requested: str, n: int) -> str:
+    """The FAISS factory string that ``requested`` means for ``n`` vectors.
+
+    ``auto``: ``IDMap2,Flat`` below ``AUTO_FLAT_MAX``, else ``IVF{nlist},SQ8`` (``IVF{nlist}_HNSW32,SQ8`` from
+    ``AUTO_HNSW_QUANTIZER_MIN``). ``Flat`` and ``HNSW{M}`` get the ``IDMap2`` wrapper that maps FAISS ids to
+    passage ids; ``IVF`` types store ids themselves, and ``IVF,SQ8`` / ``IVF_HNSW32,SQ8`` get ``nlist`` filled in.
+
+    >>> resolve_index_type("auto", 120_000)
+    'IVF1386,SQ8'
+    >>> resolve_index_type("HNSW32", 120_000)
+    'IDMap2,HNSW32'
+    """
+    spec = requested.strip()
+    if spec == AUTO:
+        if n < AUTO_FLAT_MAX:
+            return INDEX_TYPE
+        quantiser = "_HNSW32" if n >= AUTO_HNSW_QUANTIZER_MIN else ""
+        return f"IVF{auto_nlist(n)}{quantiser},SQ8"
+    if spec.startswith("IDMap2,"):
+        spec = spec[len("IDMap2,") :]
+    if spec == "Flat" or spec.startswith("HNSW"):
+        spec = f"IDMap2,{spec}"
+    elif spec.startswith("IVF,") or spec.startswith("IVF_"):
+        spec = f"IVF{auto_nlist(n)}{spec[3:]}"
+    elif not spec.startswith("IVF"):
+        raise InvalidInputError(
+            f"unknown index type {requested!r}: use auto, Flat, HNSW32 (any M), or an IVF factory string such as "
+            "IVF,SQ8, IVF4096,SQ8, IVF,Flat, IVF,PQ48 or IVF_HNSW32,SQ8"
+        )
+    faiss = import_faiss()
+    try:
+        faiss.index_factory(8 if "PQ" not in spec else 48, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise InvalidInputError(f"FAISS cannot build index type {spec!r}: {str(exc).splitlines()[0]}") from None
+    return spec
+
+
+def index_family(index_type: str) -> str:
+    """``flat``, ``ivf`` or ``hnsw``: which search parameter and delete strategy an index type has."""
+    if index_type.startswith("IVF"):
+        return "ivf"
+    return "hnsw" if index_type.startswith("IDMap2,HNSW") else "flat"
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each row of ``truth`` (exact top-k ids) present in the same row of ``found``."""
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[:k].tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]))
+
+
+def drop_self(ids: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+    """Per row the first ``k`` ids other than the query's own: queries drawn from the index act as held out."""
+    return np.stack([row[row != own][:k] for row, own in zip(ids, query_ids)])
+
+
+def tune(
+    index: VectorIndex, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, target: float
+) -> tuple[dict, float]:
+    """The cheapest search parameters whose recall@k against ``truth`` reaches ``target``, and that recall.
+
+    ``queries`` are vectors of the index itself (ids ``query_ids``); their own id is left out of both result
+    lists, so each behaves as a held-out query. IVF raises ``nprobe`` and HNSW ``efSearch`` step by step; when no
+    step reaches the target, the last one and its recall are returned (and logged).
+    """
+    family = index_family(index.index_type)
+    if family == "flat":
+        return {}, 1.0
+    k = truth.shape[1]
+    if family == "ivf":
+        name, steps = "nprobe", [s for s in NPROBE_STEPS if s < index.nlist] + [index.nlist]
+    else:
+        name, steps = "efSearch", [s for s in EF_SEARCH_STEPS if s >= k]
+    recall = 0.0
+    for step in steps:
+        index.search_params = {name: step}
+        _, ids = index.search(queries, k + 1)
+        recall = recall_at_k(drop_self(ids, query_ids, k), truth)
+        if recall >= target:
+            break
+    else:
+        log.warning(
+            "%s reaches recall@%d %.3f at most (%s %d), short of %.3f",
+            index.index_type,
+            k,
+            recall,
+            name,
+            steps[-1],
+            target,
+        )
+    return dict(index.search_params), recall
+
+
 @dataclass(frozen=True)
 class Stamp:
     """What a checkpoint file contains: every passage id <= max_passage_id and every deletion <= deletion_seq."""
 
     max_passage_id: int
     deletion_seq: int
-    ntotal: int
+    ntotal: int  # vectors in the file, tombstoned ones included
     dim: int
     sha256: str = ""
+    index_type: str = INDEX_TYPE  # stamps written before index types existed were always Flat
+    tombstones: list[int] = field(default_factory=list)  # deleted ids still inside an HNSW graph
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -122,16 +245,28 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class VectorIndex:
-    """An ``IndexIDMap2`` over ``IndexFlatIP``, kept on the CPU, with a GPU copy for search when a GPU exists.
+    """A FAISS index of one type (see the module docstring), on the CPU, with a GPU copy when a GPU exists.
 
     Thread-safe: mutations and searches are serialised by one lock (FAISS indexes are not safe to mutate while
-    searched). The GPU copy is re-made lazily after a change, because GPU flat indexes cannot remove ids.
+    searched). Only exact (Flat) indexes go to the GPU; its copy is re-made lazily after a change, because GPU
+    flat indexes cannot remove ids. ``search_params`` (``nprobe`` or ``efSearch``) apply to every search.
     """
 
-    def __init__(self, cpu_index, use_gpu: bool | None = None):
+    def __init__(
+        self,
+        cpu_index,
+        use_gpu: bool | None = None,
+        index_type: str = INDEX_TYPE,
+        search_params: dict | None = None,
+        tombstones=(),
+    ):
         self._cpu = cpu_index
+        self.index_type = index_type
+        self.family = index_family(index_type)
+        self.search_params: dict = dict(search_params or {})
+        self._tombstones = np.unique(np.asarray(list(tombstones), dtype="int64"))
         self._lock = threading.Lock()
-        self._use_gpu = gpu_count() > 0 if use_gpu is None else use_gpu
+        self._use_gpu = (gpu_count() > 0 if use_gpu is None else use_gpu) and self.family == "flat"
         self._gpu = None
         self._gpu_resources = None
 
@@ -140,13 +275,52 @@ class VectorIndex:
         faiss = import_faiss()
         return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), use_gpu=use_gpu)
 
+    @classmethod
+    def create(
+        cls,
+        index_type: str,
+        dim: int,
+        training: np.ndarray | None = None,
+        search_params: dict | None = None,
+        use_gpu: bool | None = None,
+    ) -> VectorIndex:
+        """An empty index of ``index_type`` (a resolved factory string), trained on ``training`` if it needs it."""
+        faiss = import_faiss()
+        cpu_index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+        if index_family(index_type) == "hnsw":
+            faiss.downcast_index(cpu_index.index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        if not cpu_index.is_trained:
+            if training is None or len(training) == 0:
+                raise InvalidInputError(f"index type {index_type} must be trained on vectors, and there are none")
+            ivf = faiss.try_extract_index_ivf(cpu_index)
+            if ivf is not None and len(training) < ivf.nlist:
+                raise InvalidInputError(
+                    f"index type {index_type} needs at least {ivf.nlist} vectors to train its lists; the collection "
+                    f"has {len(training)}. Use fewer lists (IVF,SQ8 picks them) or Flat."
+                )
+            cpu_index.train(np.ascontiguousarray(training, dtype="float32"))
+        return cls(cpu_index, use_gpu=use_gpu, index_type=index_type, search_params=search_params)
+
     @property
     def dim(self) -> int:
         return self._cpu.d
 
     @property
     def ntotal(self) -> int:
-        return self._cpu.ntotal
+        """Searchable vectors: tombstoned ones are not counted."""
+        return self._cpu.ntotal - len(self._tombstones)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._tombstones)
+
+    @property
+    def exact(self) -> bool:
+        return self.family == "flat"
+
+    @property
+    def nlist(self) -> int:
+        return import_faiss().extract_index_ivf(self._cpu).nlist
 
     @property
     def on_gpu(self) -> bool:
@@ -160,39 +334,77 @@ class VectorIndex:
             self._gpu = None
 
     def remove(self, ids) -> int:
+        """Remove ``ids`` (HNSW: tombstone them); returns how many were in the index."""
         ids = np.asarray(list(ids), dtype="int64")
         if len(ids) == 0:
             return 0
         faiss = import_faiss()
         with self._lock:
+            if self.family == "hnsw":
+                present = ids[np.isin(ids, faiss.vector_to_array(self._cpu.id_map))]
+                fresh = np.setdiff1d(present, self._tombstones)
+                self._tombstones = np.union1d(self._tombstones, fresh)
+                return len(fresh)
             removed = self._cpu.remove_ids(faiss.IDSelectorBatch(ids))
             self._gpu = None
         return removed
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k by inner product: (scores, ids), ids -1 where fewer than k vectors exist.
+    def _parameters(self, k: int, allowed: np.ndarray | None, total: int):
+        """FAISS search parameters for one search: the tuned ones, an id selector, widened for a filter.
 
-        ``allowed`` restricts the result to those ids (a metadata filter). On the CPU that is a FAISS
-        ``IDSelector``; GPU indexes ignore selectors, so there :func:`filtered_search` searches exactly over the
-        allowed vectors when they are few and over-fetches adaptively otherwise, never missing a match.
+        A filter passing a fraction f of the vectors leaves about f of what ``nprobe`` lists or ``efSearch``
+        candidates hold, so both grow by 1/f (capped) to keep k matches within reach.
+        """
+        faiss = import_faiss()
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(allowed)
+        elif len(self._tombstones):
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstones))
+        else:
+            selector = None
+        widen = total / max(1, len(allowed)) if allowed is not None else 1.0
+        # keyword construction makes the wrapper keep a reference to the selector (FAISS holds a raw pointer)
+        extra = {"sel": selector} if selector is not None else {}
+        if self.family == "ivf":
+            nprobe = min(self.nlist, math.ceil(self.search_params.get("nprobe", 1) * widen))
+            if "_HNSW" in self.index_type.split(",")[0]:
+                # an HNSW coarse quantiser finds at most efSearch lists: let it find twice the lists probed
+                quantiser = faiss.SearchParametersHNSW(efSearch=max(64, 2 * nprobe))
+                return faiss.SearchParametersIVF(nprobe=nprobe, quantizer_params=quantiser, **extra)
+            return faiss.SearchParametersIVF(nprobe=nprobe, **extra)
+        if self.family == "hnsw":
+            ef = max(k, self.search_params.get("efSearch", 16))
+            return faiss.SearchParametersHNSW(efSearch=min(max(ef, 4096), math.ceil(ef * widen)), **extra)
+        return faiss.SearchParameters(**extra)
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: (scores, ids), ids -1 where fewer than k vectors exist (or are found).
+
+        Exact for Flat; approximate, with the tuned ``search_params``, for IVF and HNSW. ``allowed`` restricts the
+        result to those ids (a metadata filter). On the CPU that is a FAISS ``IDSelector``; GPU indexes ignore
+        selectors, so there :func:`filtered_search` searches exactly over the allowed vectors when they are few
+        and over-fetches adaptively otherwise, never missing a match.
         """
         queries = np.ascontiguousarray(queries, dtype="float32")
         n = len(queries)
         with self._lock:
-            total = self._cpu.ntotal
+            total = self.ntotal
+            if allowed is not None and len(self._tombstones):
+                allowed = np.setdiff1d(np.asarray(allowed, dtype="int64"), self._tombstones)
             limit = total if allowed is None else min(total, len(allowed))
             if limit == 0:
                 return np.full((n, 1), -np.inf, dtype="float32"), np.full((n, 1), -1, dtype="int64")
             k = max(1, min(k, limit))
+            if allowed is not None:
+                allowed = np.asarray(allowed, dtype="int64")
+            if not self._use_gpu:
+                if allowed is None and not len(self._tombstones) and self.family == "flat":
+                    return self._cpu.search(queries, k)
+                return self._cpu.search(queries, k, params=self._parameters(k, allowed, total))
             if allowed is None:
                 # GPU flat search takes k <= 2048; deeper searches run on the CPU copy
-                searcher = self._cpu if self._use_gpu and k > GPU_MAX_K else self._searcher()
+                searcher = self._cpu if k > GPU_MAX_K else self._searcher()
                 return searcher.search(queries, k)
-            allowed = np.asarray(allowed, dtype="int64")
-            if not self._use_gpu:
-                faiss = import_faiss()
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-                return self._cpu.search(queries, k, params=params)
             return filtered_search(
                 self._searcher().search, self._exact_subset, queries, k, allowed, total, max_fetch=GPU_MAX_K
             )
@@ -216,23 +428,46 @@ class VectorIndex:
             self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._cpu)
         return self._gpu
 
-    def reconstruct(self, passage_id: int) -> np.ndarray:
+    def stamp(self, max_passage_id: int, deletion_seq: int) -> Stamp:
+        """The stamp of this index once it holds every passage <= ``max_passage_id`` and deletion <= the seq."""
         with self._lock:
-            return self._cpu.reconstruct(int(passage_id))
+            return Stamp(
+                max_passage_id,
+                deletion_seq,
+                self._cpu.ntotal,
+                self.dim,
+                index_type=self.index_type,
+                tombstones=self._tombstones.tolist(),
+            )
+
+    def serialize(self) -> bytes:
+        """The CPU index as FAISS writes it (what ``index.faiss`` holds)."""
+        faiss = import_faiss()
+        with self._lock:
+            return faiss.serialize_index(self._cpu).tobytes()
 
     def save(self, directory: Path, stamp: Stamp) -> Stamp:
         """Write ``index.faiss`` then ``index.json`` atomically; returns the stamp with the file's sha256."""
-        faiss = import_faiss()
-        with self._lock:
-            data = faiss.serialize_index(self._cpu).tobytes()
+        data = self.serialize()
         stamp = Stamp(**{**asdict(stamp), "sha256": hashlib.sha256(data).hexdigest()})
         _write_atomically(directory / "index.faiss", data)
         _write_atomically(directory / "index.json", json.dumps(asdict(stamp), indent=2).encode())
         return stamp
 
     @classmethod
-    def load(cls, directory: Path, dim: int, use_gpu: bool | None = None) -> tuple[VectorIndex, Stamp] | None:
-        """The checkpoint in ``directory``, or None (with a log line) when it is missing, damaged or foreign."""
+    def load(
+        cls,
+        directory: Path,
+        dim: int,
+        use_gpu: bool | None = None,
+        index_type: str = INDEX_TYPE,
+        search_params: dict | None = None,
+    ) -> tuple[VectorIndex, Stamp] | None:
+        """The checkpoint in ``directory``, or None (with a log line) when it is missing, damaged or foreign.
+
+        A checkpoint of another index type than ``index_type`` (the manifest's) is foreign: an ``optimize``
+        that crashed between writing the file and recording the new type in the manifest leaves one.
+        """
         index_path, stamp_path = directory / "index.faiss", directory / "index.json"
         if not index_path.exists() or not stamp_path.exists():
             if index_path.exists() or stamp_path.exists():
@@ -247,9 +482,18 @@ class VectorIndex:
         if hashlib.sha256(data).hexdigest() != stamp.sha256:
             log.warning("index file %s fails its checksum; rebuilding from SQLite", index_path)
             return None
+        if stamp.index_type != index_type:
+            log.warning(
+                "index file %s is %s but the manifest says %s; rebuilding from SQLite",
+                index_path,
+                stamp.index_type,
+                index_type,
+            )
+            return None
         faiss = import_faiss()
         cpu_index = faiss.deserialize_index(np.frombuffer(data, dtype="uint8"))
         if cpu_index.d != dim or cpu_index.ntotal != stamp.ntotal:
             log.warning("index file %s does not match its stamp or the manifest; rebuilding from SQLite", index_path)
             return None
-        return cls(cpu_index, use_gpu=use_gpu), stamp
+        index = cls(cpu_index, use_gpu, index_type, search_params, stamp.tombstones)
+        return index, stamp

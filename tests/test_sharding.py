@@ -115,6 +115,17 @@ def test_writes_and_deletes_reach_the_owning_shard_only(pair):
     assert deleted == 80 and three.search(vectors[:1], k=500, where={"group": 4})[0] == []
 
 
+def test_optimize_rebuilds_every_shard_and_deletes_keep_working(pair):
+    _, three = pair
+    report = three.optimize("HNSW32", recall=0.95)
+    assert [r["index_type"] for r in report["shards"]] == ["IDMap2,HNSW32"] * 3
+    assert all(r["recall_at_10"] >= 0.95 for r in report["shards"])
+    query = np.asarray(three.passage_vectors("doc-5")[:1])
+    assert three.search(query, 1)[0][0].document_id == "doc-5"
+    three.delete(["doc-5"])
+    assert "doc-5" not in {h.document_id for h in three.search(query, 20)[0]}
+
+
 def test_reshard_copies_stored_vectors_without_reencoding(pair, tmp_path):
     one, three = pair
     with reshard(three, tmp_path / "five", 5) as five:
