@@ -23,6 +23,8 @@ from storage.errors import StellaSearchError
 
 log = logging.getLogger("stella_search")
 
+BACKENDS = click.Choice(["torch", "onnx", "onnx-int8"])
+
 
 def _settings(config: str | None, **flags) -> Settings:
     cli: dict = {}
@@ -69,7 +71,7 @@ def _common(func):
         click.option("--dim", type=int, help="MRL embedding dimension (default: the model's default head)"),
         click.option("--batch-size", type=int, help="encoder batch size"),
         click.option("--device", help="auto, cpu, cuda, cuda:N"),
-        click.option("--backend", type=click.Choice(["torch", "onnx"]), help="encoder runtime (onnx: CPU only)"),
+        click.option("--backend", type=BACKENDS, help="encoder runtime (onnx and onnx-int8: CPU only)"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -400,7 +402,7 @@ def info(data_dir, collection, config):
 @click.option("--port", type=int, help="port (default 8000)")
 @click.option("--model", help="model to load when the data dir has no collection yet")
 @click.option("--device", help="auto, cpu, cuda, cuda:N")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), help="encoder runtime (onnx: CPU only)")
+@click.option("--backend", type=BACKENDS, help="encoder runtime (onnx and onnx-int8: CPU only)")
 def serve(data_dir, config, host, port, model, device, backend):
     """Serve the collections under --data-dir over HTTP (FastAPI under uvicorn)."""
     import uvicorn

@@ -153,6 +153,8 @@ class Manifest:
     prompt_type: str = "s2p"
     max_length: int = 512
     normalized: bool = True
+    # how the passage vectors were computed: fp32, or int8-<recipe key> (queries are always encoded in fp32)
+    precision: str = "fp32"
     index_type: str = INDEX_TYPE
     created_by: str = f"stella-search {STORAGE_VERSION}"
     created_at: str = field(default_factory=_now)
