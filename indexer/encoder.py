@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from indexer.settings import Settings
 from storage.collection import Manifest
 from storage.errors import InvalidInputError, ModelUnavailableError
 from storage.vector_index import set_search_threads
+
+if TYPE_CHECKING:
+    from indexer.onnx_backend import Int8Recipe
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,21 @@ def configure_search_threads(settings: Settings) -> int:
         threads = 1 if resolve_device(settings.processing.device) == "cpu" else (os.cpu_count() or 1)
     set_search_threads(threads)
     return threads
+
+
+def backend_for_precision(precision: str, settings: Settings) -> str:
+    """The backend that writes passage vectors of ``precision`` (a collection's), given the configured one.
+
+    A collection's passages keep the precision it was created with: an fp32 collection gets fp32 ONNX where
+    ``onnx-int8`` is configured, an int8 one gets ``onnx-int8`` on the CPU. On CUDA, where there is no int8
+    path, an int8 collection is written in fp32, which its queries (always fp32) match the better.
+    """
+    backend = settings.encoder.backend
+    if precision == "fp32" and backend == "onnx-int8":
+        return "onnx"
+    if precision != "fp32" and backend != "onnx-int8" and resolve_device(settings.processing.device) == "cpu":
+        return "onnx-int8"
+    return backend
 
 
 def resolve_device(device: str) -> str:
@@ -84,17 +103,25 @@ class Encoder:
         self.stats = EncodeStats()
         # one forward pass at a time: a long bulk encode yields between batches, so queries interleave
         self._forward_lock = threading.Lock()
-        self._onnx = None
-        if settings.encoder.backend == "onnx":
+        self._onnx = self._onnx_bulk = None
+        if settings.encoder.backend in ("onnx", "onnx-int8"):
             if not device.startswith("cpu"):
-                raise InvalidInputError("encoder.backend 'onnx' runs on the CPU; use the torch backend on CUDA")
+                raise InvalidInputError(
+                    f"encoder.backend {settings.encoder.backend!r} runs on the CPU; use the torch backend on CUDA"
+                )
             import torch
 
             from indexer.onnx_backend import OnnxForward
 
-            self._onnx = OnnxForward.for_model(
-                model, Path(settings.encoder.onnx_dir), self.fingerprint, threads=torch.get_num_threads()
-            )
+            onnx_dir, threads = Path(settings.encoder.onnx_dir), torch.get_num_threads()
+            self._onnx = OnnxForward.for_model(model, onnx_dir, self._graph_fingerprint(), threads)
+            self._onnx_bulk = self._onnx
+            if self.int8 is not None:
+                # int8 for bulk passage encodes only: queries are few and short, and keeping them in fp32
+                # leaves the quantisation error on one side of each similarity instead of both
+                self._onnx_bulk = OnnxForward.for_model(
+                    model, onnx_dir, self._graph_fingerprint(), threads, int8=self.int8
+                )
         self._cache = None
         if settings.embedding.cache_embeddings:
             from indexer.embedding_cache import EmbeddingCache
@@ -157,8 +184,28 @@ class Encoder:
         return self.model.tokenizer
 
     @property
+    def int8(self) -> Int8Recipe | None:
+        """The int8 quantisation recipe of the ``onnx-int8`` backend; None for full-precision vectors."""
+        if self.settings.encoder.backend != "onnx-int8":
+            return None
+        from indexer.onnx_backend import DEFAULT_INT8
+
+        return DEFAULT_INT8
+
+    @property
+    def precision(self) -> str:
+        """``fp32``, or ``int8-<recipe key>``: what a collection records about how its vectors were computed."""
+        return "fp32" if self.int8 is None else f"int8-{self.int8.key}"
+
+    @property
     def fingerprint(self) -> str:
-        """Identifies what this encoder computes: keys the embedding cache and the ONNX export."""
+        """Identifies the vectors this encoder computes: keys the embedding cache."""
+        if self.int8 is None:
+            return self._graph_fingerprint()
+        return hashlib.sha256(f"{self._graph_fingerprint()}\x1f{self.precision}".encode()).hexdigest()[:16]
+
+    def _graph_fingerprint(self) -> str:
+        """Identifies the model's full-precision computation: keys the ONNX export."""
         parts = [
             self.profile.model_id,
             self.profile.revision or _folder_stamp(self.profile.local_path),
@@ -178,6 +225,7 @@ class Encoder:
             prompt_type=self.prompt_type,
             max_length=self.max_seq_length,
             normalized=self.settings.encoder.normalize_embeddings,
+            precision=self.precision,
         )
 
     # -- encoding -------------------------------------------------------------------------------------------
@@ -214,19 +262,27 @@ class Encoder:
         return out
 
     def _encode_uncached(self, texts: list[str], prompt: str | None, bulk: bool) -> np.ndarray:
+        started = time.perf_counter()
+        out = np.empty((len(texts), self.dim), dtype="float32")
+        if bulk and self._onnx is not None and self.settings.encoder.max_batch_tokens:
+            self._encode_by_token_budget(texts, prompt, out)
+        else:
+            self._encode_by_batch_size(texts, prompt, bulk, out)
+        self.stats.texts += len(texts)
+        self.stats.seconds += time.perf_counter() - started
+        return out
+
+    def _encode_by_batch_size(self, texts: list[str], prompt: str | None, bulk: bool, out: np.ndarray) -> None:
+        """Fixed-size batches of length-sorted texts, halved on CUDA out-of-memory."""
         import torch
 
-        started = time.perf_counter()
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self.dim), dtype="float32")
         batch_size = self.settings.encoder.batch_size
-        processing = self.settings.processing
-        on_cuda = self.device.startswith("cuda")
         start = 0
         while start < len(texts):
             idx = order[start : start + batch_size]
             try:
-                out[idx] = self._forward([texts[i] for i in idx], prompt)
+                out[idx] = self._embed(self.model.preprocess([texts[i] for i in idx], prompt=prompt), bulk)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -236,31 +292,69 @@ class Encoder:
                 log.warning("CUDA out of memory: retrying with batch size %d", batch_size)
                 continue
             start += len(idx)
-            self.stats.batches += 1
-            if not bulk:
-                continue
-            if (
-                on_cuda
-                and processing.clear_cache_interval
-                and self.stats.batches % processing.clear_cache_interval == 0
-            ):
-                torch.cuda.empty_cache()
-            if processing.force_gc_interval and self.stats.batches % processing.force_gc_interval == 0:
-                gc.collect()
-        self.stats.texts += len(texts)
-        self.stats.seconds += time.perf_counter() - started
-        return out
+            self._batch_done(bulk)
 
-    def _forward(self, texts: list[str], prompt: str | None) -> np.ndarray:
+    def _encode_by_token_budget(self, texts: list[str], prompt: str | None, out: np.ndarray) -> None:
+        """Length-sorted batches of at most ``encoder.max_batch_tokens`` padded tokens, for ONNX Runtime.
+
+        Short passages then run in large batches and long ones in small, so little of each batch is padding;
+        the order of ``out`` is the order of ``texts``.
+        """
+        for idx in self.token_budget_batches(texts, prompt):
+            out[idx] = self._embed(self.model.preprocess([texts[i] for i in idx], prompt=prompt), bulk=True)
+            self._batch_done(bulk=True)
+
+    def token_budget_batches(self, texts: list[str], prompt: str | None = None) -> list[np.ndarray]:
+        """Indices into ``texts``, longest first, cut into batches of at most ``max_batch_tokens`` padded tokens.
+
+        >>> encoder.settings.encoder.max_batch_tokens = 300
+        >>> [list(b) for b in encoder.token_budget_batches(["short", "a long passage " * 50, "short too"])]
+        [[1], [2, 0]]
+        """
+        budget = self.settings.encoder.max_batch_tokens
+        lengths = np.array(self._token_lengths(texts, prompt))
+        order = np.argsort(-lengths, kind="stable")
+        batches = []
+        start = 0
+        while start < len(order):
+            size = max(1, budget // max(1, int(lengths[order[start]])))  # the first, longest text sets the padding
+            batches.append(order[start : start + size])
+            start += size
+        return batches
+
+    def _token_lengths(self, texts: list[str], prompt: str | None) -> list[int]:
+        prefixed = [(prompt or "") + t for t in texts]
+        ids = self.tokenizer(prefixed, truncation=True, max_length=self.max_seq_length)["input_ids"]
+        return [len(i) for i in ids]
+
+    def _batch_done(self, bulk: bool) -> None:
+        """Count a batch; bulk encodes run the seed's housekeeping (CUDA cache, forced GC) every N batches."""
+        import torch
+
+        self.stats.batches += 1
+        if not bulk:
+            return
+        processing = self.settings.processing
+        if (
+            self.device.startswith("cuda")
+            and processing.clear_cache_interval
+            and self.stats.batches % processing.clear_cache_interval == 0
+        ):
+            torch.cuda.empty_cache()
+        if processing.force_gc_interval and self.stats.batches % processing.force_gc_interval == 0:
+            gc.collect()
+
+    def _embed(self, features: dict, bulk: bool) -> np.ndarray:
+        """One forward pass over tokenised ``features``; the head's truncation and normalisation applied."""
         import torch
         from sentence_transformers.util import batch_to_device
 
         if self._onnx is not None:
-            features = self.model.preprocess(texts, prompt=prompt)
+            forward = self._onnx_bulk if bulk else self._onnx
             with self._forward_lock:
-                embeddings = torch.from_numpy(self._onnx(features))
+                embeddings = torch.from_numpy(forward(features))
         else:
-            features = batch_to_device(self.model.preprocess(texts, prompt=prompt), self.model.device)
+            features = batch_to_device(features, self.model.device)
             with self._forward_lock, torch.inference_mode():
                 embeddings = self.model(features)["sentence_embedding"]
         if self.head.truncate:

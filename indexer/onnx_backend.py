@@ -11,10 +11,13 @@ the torch path's to float rounding (the tests check 1e-5), so retrieval quality 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,34 @@ from storage.errors import ModelUnavailableError
 log = logging.getLogger(__name__)
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How the int8 graph is derived from the fp32 export with ``quantize_dynamic``; part of its cache key.
+
+    Weights of the MatMuls with a constant weight are quantised (activations dynamically, per batch), except
+    the nodes whose names match ``keep_fp32``. The default keeps the FFN down projections in fp32: measured on
+    MiniLM, quantising them alone moved the sentence vectors most (1 - cosine 0.0028 of the 0.0053 that
+    quantising every MatMul costs), and per-channel weight scales cut the error of per-tensor ones tenfold.
+    """
+
+    per_channel: bool = True
+    reduce_range: bool = False
+    weight_type: str = "QInt8"
+    keep_fp32: tuple[str, ...] = (r"/output/dense/MatMul$", r"/mlp/down_proj/MatMul$")
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:8]
+
+    def nodes_to_exclude(self, model) -> list[str]:
+        """Names of the nodes of ``model`` (an ONNX ModelProto) that stay in fp32."""
+        patterns = [re.compile(p) for p in self.keep_fp32]
+        return [node.name for node in model.graph.node if any(p.search(node.name) for p in patterns)]
+
+
+DEFAULT_INT8 = Int8Recipe()
 
 
 def _traceable(st_model, names: tuple[str, ...]):
@@ -47,8 +78,10 @@ class OnnxForward:
         self.names = names
 
     @classmethod
-    def for_model(cls, st_model, onnx_dir: Path, fingerprint: str, threads: int) -> OnnxForward:
-        """Load the cached export for ``fingerprint``, exporting it first if needed."""
+    def for_model(
+        cls, st_model, onnx_dir: Path, fingerprint: str, threads: int, int8: Int8Recipe | None = None
+    ) -> OnnxForward:
+        """Load the cached export for ``fingerprint`` (its int8 derivative when ``int8``), creating it if needed."""
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -60,6 +93,10 @@ class OnnxForward:
         path = Path(onnx_dir) / f"{fingerprint}.onnx"
         if not path.exists():
             cls._export(st_model, sample, names, path)
+        if int8 is not None:
+            fp32_path, path = path, Path(onnx_dir) / f"{fingerprint}.int8-{int8.key}.onnx"
+            if not path.exists():
+                _quantize(fp32_path, path, int8)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -92,3 +129,23 @@ class OnnxForward:
     def __call__(self, features: dict) -> np.ndarray:
         inputs = {name: features[name].numpy() for name in self.names}
         return self.session.run(None, inputs)[0]
+
+
+def _quantize(fp32_path: Path, path: Path, recipe: Int8Recipe) -> None:
+    """Write the int8 graph of ``recipe`` for the fp32 export at ``fp32_path`` to ``path``."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    started = time.perf_counter()
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    quantize_dynamic(
+        fp32_path,
+        partial,
+        op_types_to_quantize=["MatMul"],
+        per_channel=recipe.per_channel,
+        reduce_range=recipe.reduce_range,
+        weight_type=QuantType[recipe.weight_type],
+        nodes_to_exclude=recipe.nodes_to_exclude(onnx.load(fp32_path, load_external_data=False)),
+    )
+    os.replace(partial, path)
+    log.info("quantised %s to int8 (%s) in %.1fs", fp32_path.name, recipe, time.perf_counter() - started)

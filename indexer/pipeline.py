@@ -19,7 +19,7 @@ from itertools import islice
 from pathlib import Path
 
 from indexer.chunking import Chunker, text_to_encode
-from indexer.encoder import Encoder
+from indexer.encoder import Encoder, backend_for_precision
 from indexer.settings import Settings
 from indexer.sources import check_sources, read_documents
 from storage.collection import Collection, Document, Manifest, Passage, collection_dir
@@ -60,6 +60,7 @@ def encoder_for_manifest(
     encoder_settings.encoder.prompt_type = manifest.prompt_type
     encoder_settings.encoder.max_length = manifest.max_length
     encoder_settings.encoder.normalize_embeddings = manifest.normalized
+    encoder_settings.encoder.backend = backend_for_precision(manifest.precision, settings)
     encoder = Encoder.load(model or manifest.model, encoder_settings, dim=manifest.dim)
     if not manifest.vectors_compatible_with(encoder.manifest()):
         raise ModelMismatchError(

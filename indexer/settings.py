@@ -51,10 +51,17 @@ class EncoderSettings(_Section):
     )
     normalize_embeddings: bool = True
     prompt_type: Literal["s2p", "s2s"] = "s2p"
-    backend: Literal["torch", "onnx"] = Field(
-        "torch", description="onnx: ONNX Runtime on the CPU, exported locally from the model (same vectors)"
+    backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch",
+        description="onnx: ONNX Runtime on the CPU, exported locally from the model (same vectors); "
+        "onnx-int8: that export with int8 weights (vectors within cosine 0.99 of fp32)",
     )
     onnx_dir: Path = Field(Path(".stella-cache/onnx"), description="where ONNX exports are cached")
+    max_batch_tokens: int = Field(
+        4096,
+        ge=0,
+        description="onnx bulk encodes: length-sorted batches filled up to this many padded tokens (0: batch_size)",
+    )
 
 
 class ProcessingSettings(_Section):

@@ -24,6 +24,8 @@ from storage.errors import StellaSearchError
 
 log = logging.getLogger("stella_search")
 
+BACKENDS = click.Choice(["torch", "onnx", "onnx-int8"])
+
 
 def _settings(config: str | None, **flags) -> Settings:
     cli: dict = {}
@@ -70,7 +72,7 @@ def _common(func):
         click.option("--dim", type=int, help="MRL embedding dimension (default: the model's default head)"),
         click.option("--batch-size", type=int, help="encoder batch size"),
         click.option("--device", help="auto, cpu, cuda, cuda:N"),
-        click.option("--backend", type=click.Choice(["torch", "onnx"]), help="encoder runtime (onnx: CPU only)"),
+        click.option("--backend", type=BACKENDS, help="encoder runtime (onnx and onnx-int8: CPU only)"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -476,7 +478,7 @@ def info(data_dir, collection, config):
 @click.option("--port", type=int, help="port (default 8000)")
 @click.option("--model", help="model to load when the data dir has no collection yet")
 @click.option("--device", help="auto, cpu, cuda, cuda:N")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), help="encoder runtime (onnx: CPU only)")
+@click.option("--backend", type=BACKENDS, help="encoder runtime (onnx and onnx-int8: CPU only)")
 @click.option("--ray", "ray_address", help="serve on Ray Serve: 'auto' (the running cluster) or its ADDRESS")
 @click.option("--shard-replicas", type=click.IntRange(1), default=1, show_default=True, help="with --ray")
 @click.option("--encoder-replicas", type=click.IntRange(1), default=1, show_default=True, help="with --ray")

@@ -57,7 +57,7 @@ def shard_paths(data_dir: Path, name: str) -> list[Path]:
 
 
 def encoder_key(manifest: Manifest) -> str:
-    return f"{manifest.model}|{manifest.dim}|{manifest.prompt_type}|{manifest.max_length}"
+    return f"{manifest.model}|{manifest.dim}|{manifest.prompt_type}|{manifest.max_length}|{manifest.precision}"
 
 
 # -- deployments (classes; turned into Serve deployments in ``build_application``) --------------------------

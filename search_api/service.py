@@ -100,12 +100,14 @@ class SearchService:
     # -- encoders ----------------------------------------------------------------------------------------
 
     @staticmethod
-    def _key(model: str, dim: int | None, prompt_type: str, max_length: int | None) -> tuple:
-        return (model, dim, prompt_type, max_length)
+    def _key(model: str, dim: int | None, prompt_type: str, max_length: int | None, precision: str) -> tuple:
+        return (model, dim, prompt_type, max_length, precision)
 
     def _default_encoder(self) -> Encoder:
         encoder = Encoder.load(self.settings.encoder.model, self.settings)
-        key = self._key(encoder.profile.name, encoder.dim, encoder.prompt_type, encoder.max_seq_length)
+        key = self._key(
+            encoder.profile.name, encoder.dim, encoder.prompt_type, encoder.max_seq_length, encoder.precision
+        )
         with self._lock:
             return self._encoders.setdefault(key, encoder)
 
@@ -113,7 +115,7 @@ class SearchService:
         if wait and not self._ready.is_set():
             raise ModelLoadingError("the model is still loading; retry in a few seconds")
         m = collection.manifest
-        key = self._key(m.model, m.dim, m.prompt_type, m.max_length)
+        key = self._key(m.model, m.dim, m.prompt_type, m.max_length, m.precision)
         with self._lock:
             loaded = self._encoders.get(key)
         if loaded is None:
@@ -172,7 +174,7 @@ class SearchService:
             collection = create_collection(path, encoder.manifest(), request.shards)
             self._collections[request.name] = collection
             m = collection.manifest
-            self._encoders.setdefault(self._key(m.model, m.dim, m.prompt_type, m.max_length), encoder)
+            self._encoders.setdefault(self._key(m.model, m.dim, m.prompt_type, m.max_length, m.precision), encoder)
         return self._info(collection)
 
     # -- snapshots ---------------------------------------------------------------------------------------

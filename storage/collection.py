@@ -183,6 +183,8 @@ class Manifest:
     prompt_type: str = "s2p"
     max_length: int = 512
     normalized: bool = True
+    # how the passage vectors were computed: fp32, or int8-<recipe key> (queries are always encoded in fp32)
+    precision: str = "fp32"
     index_type: str = INDEX_TYPE  # FAISS factory string of the current index
     # how the index was chosen and tuned: requested (auto or a type), search (nprobe / efSearch),
     # recall_at_10 at tuning, recall_target, tuning_queries, vectors, build_seconds, built_at

@@ -1,0 +1,95 @@
+"""The ONNX Runtime paths: token-budget batching, the int8 graph, and what a collection records about them."""
+
+import numpy as np
+import pytest
+
+from indexer.encoder import Encoder
+from indexer.pipeline import encoder_for_collection
+from indexer.sources import read_documents
+from storage.collection import Collection
+
+from conftest import SHARED_DATA, cpu_settings
+
+TEXTS = [
+    "short",
+    "a much longer passage about vector search, FAISS indexes and SQLite storage, long enough to need a batch",
+    "mid length text about search",
+    "x " * 120,
+    "another short one",
+    "FAISS searches dense vectors.",
+]
+
+
+@pytest.fixture(scope="module")
+def passages() -> list[str]:
+    """Real msmarco passages, the kind of text the int8 graph has to keep close to fp32."""
+    documents = list(read_documents(SHARED_DATA / "msmarco" / "corpus.jsonl"))[:64]
+    return [d.text for d in documents]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    """One export (and one int8 graph) per model for the whole module."""
+    return tmp_path_factory.mktemp("onnx")
+
+
+def onnx_settings(onnx_dir, **encoder):
+    return cpu_settings(onnx_dir=str(onnx_dir), **encoder)
+
+
+def test_token_budget_batches_cover_every_text_once_within_the_budget(onnx_dir):
+    encoder = Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx", max_batch_tokens=64))
+    batches = encoder.token_budget_batches(TEXTS)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(TEXTS)))
+    lengths = [len(ids) for ids in encoder.tokenizer(TEXTS, truncation=True, max_length=256)["input_ids"]]
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 64
+    assert len(batches) > 2  # the budget really splits this list
+
+
+def test_token_budget_batching_keeps_the_order_and_the_vectors(onnx_dir):
+    encoder = Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx", max_batch_tokens=64))
+    batched = encoder.encode_passages(TEXTS)
+    one_by_one = np.stack([encoder.encode_passages([text])[0] for text in TEXTS])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    torch_vectors = Encoder.load("minilm", cpu_settings(backend="torch")).encode_passages(TEXTS)
+    np.testing.assert_allclose(batched, torch_vectors, atol=1e-5)
+
+
+def test_int8_passage_vectors_stay_close_to_fp32_and_queries_stay_fp32(onnx_dir, passages):
+    fp32 = Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx"))
+    int8 = Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx-int8"))
+    cosine = (int8.encode_passages(passages) * fp32.encode_passages(passages)).sum(axis=1)
+    assert cosine.min() > 0.99
+    assert cosine.mean() < 0.99999  # really quantised, not the fp32 graph again
+    np.testing.assert_allclose(int8.encode_queries(passages[:8]), fp32.encode_queries(passages[:8]), atol=1e-5)
+    exported = sorted(p.name for p in onnx_dir.glob("*.onnx") if p.name.startswith(fp32.fingerprint))
+    assert exported == [f"{fp32.fingerprint}.{int8.precision}.onnx", f"{fp32.fingerprint}.onnx"]
+    assert int8.fingerprint != fp32.fingerprint  # the embedding cache never hands int8 vectors to fp32 encodes
+
+
+def test_a_collection_keeps_the_precision_it_was_created_with(tmp_path, onnx_dir):
+    int8_settings = onnx_settings(onnx_dir, backend="onnx-int8")
+    int8 = Encoder.load("minilm", int8_settings)
+    fp32_collection = Collection.create(
+        tmp_path / "fp32", Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx")).manifest()
+    )
+    int8_collection = Collection.create(tmp_path / "int8", int8.manifest())
+    assert (fp32_collection.manifest.precision, int8_collection.manifest.precision) == ("fp32", int8.precision)
+    assert int8.precision.startswith("int8-")
+    # an fp32 collection opened where int8 is configured still gets fp32 passage vectors, and the reverse
+    assert encoder_for_collection(fp32_collection, int8_settings).precision == "fp32"
+    assert encoder_for_collection(int8_collection, onnx_settings(onnx_dir, backend="onnx")).precision == int8.precision
+    fp32_collection.close()
+    int8_collection.close()
+    with Collection.open(tmp_path / "int8") as reopened:
+        assert reopened.manifest.precision == int8.precision
+
+
+def test_the_tiny_stella_model_runs_int8(tiny_stella, onnx_dir):
+    texts = ["a short one", "a much longer passage about vector search, FAISS and SQLite storage", "mid length"]
+    fp32 = Encoder.load(str(tiny_stella), onnx_settings(onnx_dir, backend="torch"), dim=256)
+    int8 = Encoder.load(str(tiny_stella), onnx_settings(onnx_dir, backend="onnx-int8"), dim=256)
+    cosine = (int8.encode_passages(texts) * fp32.encode_passages(texts)).sum(axis=1)
+    assert cosine.min() > 0.99
+    np.testing.assert_allclose(int8.encode_queries(texts), fp32.encode_queries(texts), atol=1e-5)
