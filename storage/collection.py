@@ -969,7 +969,7 @@ class Collection:
             queries = self._check_vectors(np.atleast_2d(queries), "tuning queries")
         with self.writing(wait):
             requested = (index or self.manifest.index_params.get("requested") or AUTO).strip()
-            index_type = resolve_index_type(requested, self.count_passages())
+            index_type = resolve_index_type(requested, self.count_passages(), self.dim)
             built, stamp, report = self._build_index(index_type, recall, queries)
             params = {"requested": requested, **report}
             with self._apply_lock:
@@ -989,7 +989,7 @@ class Collection:
         """Why ``optimize`` would help now (outgrown index, many tombstones), or None."""
         params = self.manifest.index_params
         passages = self.count_passages()
-        wanted = resolve_index_type(params.get("requested") or AUTO, passages)
+        wanted = resolve_index_type(params.get("requested") or AUTO, passages, self.dim)
         current = self.manifest.index_type
         if index_family(wanted) != index_family(current):
             return f"{passages} passages: {params.get('requested') or AUTO} now means {wanted}, not {current}"

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 from dataclasses import asdict, dataclass, field
@@ -126,8 +127,8 @@ def auto_nlist(n: int) -> int:
     return max(1, round(NLIST_PER_SQRT_N * math.sqrt(n)))
 
 
-def resolve_index_type(requested: str, n: int) -> str:
-    """The FAISS factory string that ``requested`` means for ``n`` vectors.
+def resolve_index_type(requested: str, n: int, dim: int = 384) -> str:
+    """The FAISS factory string that ``requested`` means for ``n`` vectors of ``dim`` dimensions.
 
     ``auto``: ``IDMap2,Flat`` below ``AUTO_FLAT_MAX``, else ``IVF{nlist},SQ8`` (``IVF{nlist}_HNSW32,SQ8`` from
     ``AUTO_HNSW_QUANTIZER_MIN``). ``Flat`` and ``HNSW{M}`` get the ``IDMap2`` wrapper that maps FAISS ids to
@@ -155,9 +156,12 @@ def resolve_index_type(requested: str, n: int) -> str:
             f"unknown index type {requested!r}: use auto, Flat, HNSW32 (any M), or an IVF factory string such as "
             "IVF,SQ8, IVF4096,SQ8, IVF,Flat, IVF,PQ48 or IVF_HNSW32,SQ8"
         )
+    # FAISS aborts the process (not an exception) on zero lists or graph links
+    if any(int(number) < 1 for number in re.findall(r"(?:IVF|HNSW)(\d+)", spec)):
+        raise InvalidInputError(f"index type {requested!r}: IVF lists and HNSW links must be at least 1")
     faiss = import_faiss()
     try:
-        faiss.index_factory(8 if "PQ" not in spec else 48, spec, faiss.METRIC_INNER_PRODUCT)
+        faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise InvalidInputError(f"FAISS cannot build index type {spec!r}: {str(exc).splitlines()[0]}") from None
     return spec

@@ -88,6 +88,8 @@ def test_auto_is_flat_when_small_and_ivf_sq8_when_large():
         resolve_index_type("LSH", 10)
     with pytest.raises(InvalidInputError, match="FAISS cannot build"):
         resolve_index_type("IVF,SQ3x", 10)
+    with pytest.raises(InvalidInputError, match="at least 1"):  # FAISS would abort the process on these
+        resolve_index_type("IVF0,SQ8", 10)
 
 
 @pytest.mark.parametrize("built", TYPES, indirect=True)
