@@ -438,8 +438,14 @@ def index_field(field, data_dir, collection, config, wait):
     show_default=True,
     help="recall@10 against exact search that nprobe / efSearch are tuned to, on held-out stored vectors",
 )
+@click.option(
+    "--queries",
+    "queries_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="tune on these real queries (BEIR queries.jsonl, or one per line) instead of held-out passages",
+)
 @click.option("--wait", type=float, default=60.0, show_default=True, help="seconds to wait for another writer")
-def optimize(data_dir, collection, config, index_type, recall, wait):
+def optimize(data_dir, collection, config, index_type, recall, queries_file, wait):
     """Rebuild a collection's vector index from SQLite (auto: Flat when small, IVF-SQ8 when large) and tune it.
 
     A sharded collection is optimized shard by shard, each for its own size.
@@ -449,8 +455,28 @@ def optimize(data_dir, collection, config, index_type, recall, wait):
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
     with open_collection(collection_dir(settings.data_dir, settings.collection)) as opened:
-        report = opened.optimize(index_type, recall=recall, wait=wait)
+        queries = None
+        if queries_file:
+            from indexer.pipeline import encoder_for_collection
+
+            queries = encoder_for_collection(opened, settings).encode_queries(_query_texts(Path(queries_file)))
+        report = opened.optimize(index_type, recall=recall, wait=wait, queries=queries)
     click.echo(json.dumps(report, indent=2))
+
+
+def _query_texts(path: Path) -> list[str]:
+    """Query texts of a BEIR ``queries.jsonl`` (its ``text`` fields) or of a plain file (its non-empty lines)."""
+    from storage.errors import InvalidInputError
+
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        try:
+            lines = [json.loads(line)["text"] for line in lines]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidInputError(f"{path}: expected one JSON object with a 'text' field per line ({exc})") from None
+    if not lines:
+        raise InvalidInputError(f"{path} holds no queries")
+    return lines
 
 
 @main.command()

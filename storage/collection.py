@@ -53,7 +53,6 @@ from storage.vector_index import (
     TRAIN_POINTS_PER_LIST,
     Stamp,
     VectorIndex,
-    drop_self,
     import_faiss,
     index_family,
     resolve_index_type,
@@ -108,7 +107,7 @@ _READ_CHUNK = 4096  # rows per read while (re)building an index
 # approximate: a few thousand rows read from SQLite cost milliseconds, and small filtered sets are where
 # selector-filtered IVF/HNSW search loses recall.
 EXACT_FILTER_MAX = 4096
-TUNING_QUERIES = 1000  # held-out vectors per tuning run: recall@10 to about +-0.01
+TUNING_QUERIES = 1000  # held-out passages per tuning run: recall@10 to about +-0.01
 TUNING_K = 10
 _READ_ATTEMPTS = 20
 
@@ -410,13 +409,17 @@ class Collection:
         )
         self.checkpoint()
 
-    def _build_index(self, index_type: str, recall_target: float | None = None) -> tuple[VectorIndex, Stamp, dict]:
+    def _build_index(
+        self, index_type: str, recall_target: float | None = None, queries: np.ndarray | None = None
+    ) -> tuple[VectorIndex, Stamp, dict]:
         """An index of ``index_type`` over every vector in SQLite, read in one snapshot; with its stamp and a report.
 
         Types that need training are trained on a random sample of the stored vectors. With ``recall_target``
-        the search parameters are tuned (:func:`storage.vector_index.tune`) on up to ``TUNING_QUERIES`` stored
-        vectors acting as held-out queries, against exact top-10 lists accumulated while the vectors stream in;
-        without it the manifest's recorded parameters are kept.
+        the search parameters are tuned (:func:`storage.vector_index.tune`) against exact top-10 lists that are
+        accumulated while the vectors stream in. The tuning queries are ``queries`` when given (real queries:
+        the best proxy), else up to ``TUNING_QUERIES`` stored passages whose whole document is held out of their
+        results: a passage's overlapping neighbours from its own document are near-copies that any index finds,
+        which would flatter it. Without a target the manifest's recorded parameters are kept.
         """
         started = time.perf_counter()
         faiss = import_faiss()
@@ -437,14 +440,20 @@ class Collection:
                 training = self._vectors_by_id(np.sort(rng.choice(ids, min(len(ids), wanted), replace=False)))
             index = VectorIndex.create(index_type, self.dim, training, params, use_gpu=self._use_gpu)
             tuning = recall_target is not None and index_family(index_type) != "flat" and len(ids) > 2 * TUNING_K
-            if tuning:
+            held_out: dict[str, int] = {}  # document id -> tuning query number
+            if tuning and queries is None:
                 query_ids = np.sort(rng.choice(ids, min(TUNING_QUERIES, max(100, len(ids) // 10), len(ids)), False))
                 queries = self._vectors_by_id(query_ids)
-                exact = faiss.ResultHeap(len(queries), TUNING_K + 1, keep_max=True)
+                query_docs = self._document_ids(query_ids)
+                held_out = {doc: n for n, doc in enumerate(query_docs)}
+                query_codes = np.array([held_out[d] for d in query_docs])
+                excluded: list[list[int]] = [[] for _ in query_docs]
+            if tuning:
+                exact = faiss.ResultHeap(len(queries), TUNING_K, keep_max=True)
             last = 0
             while True:
                 rows = db.execute(
-                    "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    "SELECT id, vector, document_id FROM passages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
                     [last, max_id, _READ_CHUNK],
                 ).fetchall()
                 if not rows:
@@ -452,19 +461,31 @@ class Collection:
                 vectors, chunk_ids = self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows])
                 index.add(vectors, chunk_ids)
                 if tuning:
-                    scores, found = faiss.knn(queries, vectors, TUNING_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
-                    exact.add_result(scores, np.where(found >= 0, chunk_ids[found], -1))
+                    scores = queries @ vectors.T
+                    if held_out:
+                        codes = np.array([held_out.get(r[2], -1) for r in rows])
+                        same = query_codes[:, None] == codes[None, :]
+                        scores[same] = -np.inf
+                        for query, column in zip(*np.nonzero(same)):
+                            excluded[query].append(int(chunk_ids[column]))
+                    best, found = top_k(scores, chunk_ids, TUNING_K)
+                    if best.shape[1] < TUNING_K:  # a last chunk shorter than k
+                        pad = TUNING_K - best.shape[1]
+                        best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
+                        found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
+                    exact.add_result(np.ascontiguousarray(best, "float32"), np.ascontiguousarray(found, "int64"))
                 last = rows[-1][0]
         report: dict = {"search": params}
         if tuning:
             exact.finalize()
-            truth = drop_self(exact.I, query_ids, TUNING_K)
-            search, recall = tune(index, queries, query_ids, truth, recall_target)
+            blocked = [np.array(e, dtype="int64") for e in excluded] if held_out else None
+            search, recall = tune(index, queries, exact.I, recall_target, blocked)
             report = {
                 "search": search,
                 "recall_at_10": round(recall, 4),
                 "recall_target": recall_target,
-                "tuning_queries": len(query_ids),
+                "tuned_on": "held-out documents" if held_out else "given queries",
+                "tuning_queries": len(queries),
             }
         elif index_family(index_type) == "flat":
             report = {"search": {}, "recall_at_10": 1.0}
@@ -474,6 +495,17 @@ class Collection:
             built_at=_now(),
         )
         return index, index.stamp(max_id, max_seq), report
+
+    def _document_ids(self, ids: np.ndarray) -> list[str]:
+        """The document id of each of passages ``ids``, in that order."""
+        found: dict[int, str] = {}
+        id_list = [int(i) for i in ids]
+        for i in range(0, len(id_list), _SQL_CHUNK):
+            chunk = id_list[i : i + _SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT id, document_id FROM passages WHERE id IN ({marks})"
+            found.update(self._db.execute(sql, chunk).fetchall())
+        return [found[i] for i in id_list]
 
     def _vectors_by_id(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of passages ``ids``, in that order (every id must exist)."""
@@ -957,8 +989,17 @@ class Collection:
             "index_on_gpu": self.on_gpu,
         }
 
-    def optimize(self, index: str | None = None, recall: float = DEFAULT_RECALL, wait: float = 60.0) -> dict:
+    def optimize(
+        self,
+        index: str | None = None,
+        recall: float = DEFAULT_RECALL,
+        wait: float = 60.0,
+        queries: np.ndarray | None = None,
+    ) -> dict:
         """Rebuild the vector index from SQLite as ``index`` and tune it to ``recall``@10 against exact search.
+
+        Tuning queries are ``queries`` (vectors of real queries, when there are some) or else held-out stored
+        passages with their documents held out (see ``_build_index``).
 
         ``index`` is ``auto``, ``Flat``, ``HNSW32`` or an IVF factory string (see
         :func:`storage.vector_index.resolve_index_type`); None repeats the collection's last request (``auto``
@@ -971,10 +1012,12 @@ class Collection:
         """
         if not 0 < recall <= 1:
             raise InvalidInputError(f"recall target must be in (0, 1], not {recall}")
+        if queries is not None:
+            queries = self._check_vectors(np.atleast_2d(queries), "tuning queries")
         with self.writing(wait):
             requested = (index or self.manifest.index_params.get("requested") or AUTO).strip()
-            index_type = resolve_index_type(requested, self.count_passages())
-            built, stamp, report = self._build_index(index_type, recall)
+            index_type = resolve_index_type(requested, self.count_passages(), self.dim)
+            built, stamp, report = self._build_index(index_type, recall, queries)
             params = {"requested": requested, **report}
             with self._apply_lock:
                 stamp = built.save(self.path, stamp)
@@ -993,7 +1036,7 @@ class Collection:
         """Why ``optimize`` would help now (outgrown index, many tombstones), or None."""
         params = self.manifest.index_params
         passages = self.count_passages()
-        wanted = resolve_index_type(params.get("requested") or AUTO, passages)
+        wanted = resolve_index_type(params.get("requested") or AUTO, passages, self.dim)
         current = self.manifest.index_type
         if index_family(wanted) != index_family(current):
             return f"{passages} passages: {params.get('requested') or AUTO} now means {wanted}, not {current}"

@@ -339,9 +339,15 @@ class ShardedCollection:
     def index_field(self, field_name: str) -> int:
         return sum(shard.index_field(field_name) for shard in self.shards)
 
-    def optimize(self, index: str | None = None, recall: float = DEFAULT_RECALL, wait: float = 60.0) -> dict:
+    def optimize(
+        self,
+        index: str | None = None,
+        recall: float = DEFAULT_RECALL,
+        wait: float = 60.0,
+        queries: np.ndarray | None = None,
+    ) -> dict:
         """``Collection.optimize`` on each shard in turn (one index build in memory at a time)."""
-        reports = [shard.optimize(index, recall=recall, wait=wait) for shard in self.shards]
+        reports = [shard.optimize(index, recall=recall, wait=wait, queries=queries) for shard in self.shards]
         return {"name": self.name, "shards": reports}
 
     def checkpoint(self) -> None:

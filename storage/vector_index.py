@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 from dataclasses import asdict, dataclass, field
@@ -42,8 +43,9 @@ log = logging.getLogger(__name__)
 
 INDEX_TYPE = "IDMap2,Flat"  # exact search: new collections, and every collection made before index types existed
 AUTO = "auto"
-# Below this many vectors ``auto`` keeps exact search: one-thread Flat search is then ~2.5 ms a query, under the
-# ~5-10 ms a MiniLM query encode costs on this CPU, so approximation would buy little and cost recall and builds.
+# Below this many vectors ``auto`` keeps exact search: measured on this 2-core CPU (scripts/bench_scale.py), one-thread
+# Flat search of 50k MiniLM vectors takes less than encoding the query (2.7 against 3.6 ms with ONNX), so an
+# approximate index would not halve a search's latency yet would cost recall, a training step and tuning.
 AUTO_FLAT_MAX = 50_000
 AUTO_HNSW_QUANTIZER_MIN = 1_000_000  # from here the coarse quantiser itself is an HNSW graph over the centroids
 NLIST_PER_SQRT_N = 4  # low end of the usual 4-16 x sqrt(N): k-means on 2 CPU cores stays within minutes
@@ -125,8 +127,8 @@ def auto_nlist(n: int) -> int:
     return max(1, round(NLIST_PER_SQRT_N * math.sqrt(n)))
 
 
-def resolve_index_type(requested: str, n: int) -> str:
-    """The FAISS factory string that ``requested`` means for ``n`` vectors.
+def resolve_index_type(requested: str, n: int, dim: int = 384) -> str:
+    """The FAISS factory string that ``requested`` means for ``n`` vectors of ``dim`` dimensions.
 
     ``auto``: ``IDMap2,Flat`` below ``AUTO_FLAT_MAX``, else ``IVF{nlist},SQ8`` (``IVF{nlist}_HNSW32,SQ8`` from
     ``AUTO_HNSW_QUANTIZER_MIN``). ``Flat`` and ``HNSW{M}`` get the ``IDMap2`` wrapper that maps FAISS ids to
@@ -154,9 +156,12 @@ def resolve_index_type(requested: str, n: int) -> str:
             f"unknown index type {requested!r}: use auto, Flat, HNSW32 (any M), or an IVF factory string such as "
             "IVF,SQ8, IVF4096,SQ8, IVF,Flat, IVF,PQ48 or IVF_HNSW32,SQ8"
         )
+    # FAISS aborts the process (not an exception) on zero lists or graph links
+    if any(int(number) < 1 for number in re.findall(r"(?:IVF|HNSW)(\d+)", spec)):
+        raise InvalidInputError(f"index type {requested!r}: IVF lists and HNSW links must be at least 1")
     faiss = import_faiss()
     try:
-        faiss.index_factory(8 if "PQ" not in spec else 48, spec, faiss.METRIC_INNER_PRODUCT)
+        faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise InvalidInputError(f"FAISS cannot build index type {spec!r}: {str(exc).splitlines()[0]}") from None
     return spec
@@ -175,19 +180,19 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:k].tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]))
 
 
-def drop_self(ids: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
-    """Per row the first ``k`` ids other than the query's own: queries drawn from the index act as held out."""
-    return np.stack([row[row != own][:k] for row, own in zip(ids, query_ids)])
-
-
 def tune(
-    index: VectorIndex, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, target: float
+    index: VectorIndex,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    target: float,
+    excluded: list[np.ndarray] | None = None,
 ) -> tuple[dict, float]:
-    """The cheapest search parameters whose recall@k against ``truth`` reaches ``target``, and that recall.
+    """The cheapest search parameters whose recall@k against ``truth`` (exact top-k ids) reaches ``target``.
 
-    ``queries`` are vectors of the index itself (ids ``query_ids``); their own id is left out of both result
-    lists, so each behaves as a held-out query. IVF raises ``nprobe`` and HNSW ``efSearch`` step by step; when no
-    step reaches the target, the last one and its recall are returned (and logged).
+    Returns them with the recall they reach. With ``excluded`` (per query, ids left out of its results: the
+    passages of its own document when the queries are stored vectors) each query is searched alone with an
+    ``IDSelector``. IVF raises ``nprobe`` and HNSW ``efSearch`` step by step; when no step reaches the target,
+    the last one and its recall are returned (and logged).
     """
     family = index_family(index.index_type)
     if family == "flat":
@@ -200,19 +205,16 @@ def tune(
     recall = 0.0
     for step in steps:
         index.search_params = {name: step}
-        _, ids = index.search(queries, k + 1)
-        recall = recall_at_k(drop_self(ids, query_ids, k), truth)
+        if excluded is None:
+            ids = index.search(queries, k)[1]
+        else:
+            ids = np.concatenate([index.search(q[None, :], k, excluded=e)[1] for q, e in zip(queries, excluded)])
+        recall = recall_at_k(ids, truth)
         if recall >= target:
             break
     else:
         log.warning(
-            "%s reaches recall@%d %.3f at most (%s %d), short of %.3f",
-            index.index_type,
-            k,
-            recall,
-            name,
-            steps[-1],
-            target,
+            "%s reaches recall@%d %.3f at most (%s %d), short of %.3f", index.index_type, k, recall, name, step, target
         )
     return dict(index.search_params), recall
 
@@ -349,17 +351,18 @@ class VectorIndex:
             self._gpu = None
         return removed
 
-    def _parameters(self, k: int, allowed: np.ndarray | None, total: int):
+    def _parameters(self, k: int, allowed: np.ndarray | None, total: int, excluded: np.ndarray | None = None):
         """FAISS search parameters for one search: the tuned ones, an id selector, widened for a filter.
 
         A filter passing a fraction f of the vectors leaves about f of what ``nprobe`` lists or ``efSearch``
         candidates hold, so both grow by 1/f (capped) to keep k matches within reach.
         """
         faiss = import_faiss()
+        blocked = self._tombstones if excluded is None else np.union1d(self._tombstones, excluded)
         if allowed is not None:
-            selector = faiss.IDSelectorBatch(allowed)
-        elif len(self._tombstones):
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstones))
+            selector = faiss.IDSelectorBatch(np.setdiff1d(allowed, blocked) if excluded is not None else allowed)
+        elif len(blocked):
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(blocked))
         else:
             selector = None
         widen = total / max(1, len(allowed)) if allowed is not None else 1.0
@@ -377,13 +380,16 @@ class VectorIndex:
             return faiss.SearchParametersHNSW(efSearch=min(max(ef, 4096), math.ceil(ef * widen)), **extra)
         return faiss.SearchParameters(**extra)
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, excluded: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (scores, ids), ids -1 where fewer than k vectors exist (or are found).
 
         Exact for Flat; approximate, with the tuned ``search_params``, for IVF and HNSW. ``allowed`` restricts the
         result to those ids (a metadata filter). On the CPU that is a FAISS ``IDSelector``; GPU indexes ignore
         selectors, so there :func:`filtered_search` searches exactly over the allowed vectors when they are few
-        and over-fetches adaptively otherwise, never missing a match.
+        and over-fetches adaptively otherwise, never missing a match. ``excluded`` ids are left out (CPU only:
+        tuning uses it to hold a query's own document out).
         """
         queries = np.ascontiguousarray(queries, dtype="float32")
         n = len(queries)
@@ -397,10 +403,10 @@ class VectorIndex:
             k = max(1, min(k, limit))
             if allowed is not None:
                 allowed = np.asarray(allowed, dtype="int64")
-            if not self._use_gpu:
-                if allowed is None and not len(self._tombstones) and self.family == "flat":
+            if not self._use_gpu or excluded is not None:
+                if allowed is None and excluded is None and not len(self._tombstones) and self.family == "flat":
                     return self._cpu.search(queries, k)
-                return self._cpu.search(queries, k, params=self._parameters(k, allowed, total))
+                return self._cpu.search(queries, k, params=self._parameters(k, allowed, total, excluded))
             if allowed is None:
                 # GPU flat search takes k <= 2048; deeper searches run on the CPU copy
                 searcher = self._cpu if k > GPU_MAX_K else self._searcher()
