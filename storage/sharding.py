@@ -287,7 +287,20 @@ class ShardedCollection:
             "indexed_fields": sorted(self.indexed_fields()),
             "index_on_gpu": all(s["index_on_gpu"] for s in shards),
             "shard_details": [
-                {k: s[k] for k in ("path", "documents", "passages", "index_vectors", "index_on_gpu")} for s in shards
+                {
+                    k: s.get(k)
+                    for k in (
+                        "path",
+                        "documents",
+                        "passages",
+                        "index_vectors",
+                        "index_type",
+                        "index_tombstones",
+                        "optimize_advised",
+                        "index_on_gpu",
+                    )
+                }
+                for s in shards
             ],
         }
 
