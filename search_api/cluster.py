@@ -271,7 +271,7 @@ class ClusterSearchService(SearchService):
             for key, handle in self._encoder_handles.items():
                 self._remote_encoders[key] = RemoteEncoder(handle, f"encoder {key}")
             with self._lock:
-                self._encoders.update({k: v for k, v in self._remote_encoders.items()})
+                self._encoders.update(self._remote_encoders)
         except Exception as exc:
             log.exception("the encoder deployment did not come up")
             self._load_error = exc
