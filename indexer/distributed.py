@@ -34,7 +34,13 @@ from indexer.pipeline import IngestReport, encoder_for_manifest, shard_count
 from indexer.settings import Settings
 from indexer.sources import check_sources, read_documents
 from storage.collection import Document, Manifest, Passage, collection_dir, content_hash, metadata_to_json
-from storage.errors import CollectionExistsError, InvalidInputError, NotFoundError, StellaSearchError
+from storage.errors import (
+    CollectionExistsError,
+    InvalidInputError,
+    ModelMismatchError,
+    NotFoundError,
+    StellaSearchError,
+)
 from storage.sharding import create_collection, open_collection
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,8 @@ def import_ray():
     """``ray``, or an error naming the extra that installs it."""
     try:
         import ray
+        import ray.data  # noqa: F401  (the [data] and [serve] parts of the extra)
+        import ray.serve  # noqa: F401
     except ImportError:
         raise InvalidInputError(f"--ray needs Ray: pip install 'stella-search[ray]' (installs {RAY_PIN})") from None
     return ray
@@ -56,7 +64,12 @@ def connect(address: str):
     """Join the Ray cluster at ``address`` ('auto': the one this machine belongs to); once per process."""
     ray = import_ray()
     if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as exc:
+            raise InvalidInputError(
+                f"no Ray cluster at {address!r} ({exc}); start one with `ray start --head`, or give its address"
+            ) from None
     return ray
 
 
@@ -134,10 +147,40 @@ def _gpus_per_actor(ray) -> int:
     return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
 
-def _unwrap(exc: Exception) -> Exception:
-    """The domain error a Ray task raised, without Ray's wrapping and remote traceback."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, StellaSearchError) else exc
+def _check_workers(ray, workers: int | None, gpus: int, settings: Settings) -> int:
+    """The actor count, checked against the cluster: an ask Ray cannot place would wait forever, silently."""
+    resources = ray.cluster_resources()
+    if gpus:
+        available = int(resources.get("GPU", 0))
+        workers = workers or available
+        if workers > available:
+            raise InvalidInputError(f"--workers {workers} needs {workers} GPUs; the cluster has {available}")
+        return workers
+    cpus = resources.get("CPU", 0)
+    per_actor = max(settings.ray.encoder_cpus, 0.01)
+    fits = int((cpus - 0.25) // per_actor)  # a quarter CPU stays free for the read tasks
+    if fits < 1:
+        raise InvalidInputError(f"the cluster has {cpus:g} CPUs: not enough for one encoder actor ({per_actor:g})")
+    workers = workers or min(2, fits)
+    if workers > fits:
+        raise InvalidInputError(
+            f"--workers {workers} needs {workers * per_actor:g} CPUs plus some for reading; the cluster has "
+            f"{cpus:g} (ray.encoder_cpus = {per_actor:g} per actor): use --workers {fits} or fewer"
+        )
+    return workers
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The domain error a Ray task or actor raised, without Ray's wrapping and remote traceback."""
+    seen = exc
+    for _ in range(8):  # Ray Data wraps a UDF error in UserCodeException, itself a RayTaskError's cause
+        if isinstance(seen, StellaSearchError):
+            return seen
+        nested = getattr(seen, "cause", None) or seen.__cause__
+        if nested is None:
+            break
+        seen = nested
+    return exc
 
 
 def ingest_paths_on_ray(
@@ -172,9 +215,14 @@ def ingest_paths_on_ray(
             f"collection {name} has {shard_count(collection)} shard(s); --shards {shards} only applies when a "
             "collection is created"
         )
+    if dim is not None and dim != collection.manifest.dim:
+        collection.close()
+        raise ModelMismatchError(
+            f"collection {name} was built with {collection.manifest.describe()}; refusing dim {dim}. "
+            "Vectors of different dimensions cannot share an index: ingest into a new collection."
+        )
     gpus = _gpus_per_actor(ray)
-    if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 2
+    workers = _check_workers(ray, workers, gpus, settings)
     report = IngestReport()
     with collection, collection.writing(wait):
         states = {
@@ -212,7 +260,10 @@ def ingest_paths_on_ray(
                     report.passages_written,
                 )
         except Exception as exc:
-            raise _unwrap(exc) from None
+            unwrapped = _unwrap(exc)
+            if unwrapped is exc:
+                raise
+            raise unwrapped from None
         collection.checkpoint()
         report.seconds = time.perf_counter() - started
         report.collection = {"documents": collection.count_documents(), "passages": collection.count_passages()}

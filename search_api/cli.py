@@ -506,8 +506,8 @@ def info(data_dir, collection, config):
 @click.option("--device", help="auto, cpu, cuda, cuda:N")
 @click.option("--backend", type=BACKENDS, help="encoder runtime (onnx and onnx-int8: CPU only)")
 @click.option("--ray", "ray_address", help="serve on Ray Serve: 'auto' (the running cluster) or its ADDRESS")
-@click.option("--shard-replicas", type=click.IntRange(1), default=1, show_default=True, help="with --ray")
-@click.option("--encoder-replicas", type=click.IntRange(1), default=1, show_default=True, help="with --ray")
+@click.option("--shard-replicas", type=click.IntRange(1), help="with --ray: replicas per shard (default 1)")
+@click.option("--encoder-replicas", type=click.IntRange(1), help="with --ray: encoder replicas (default 1)")
 def serve(data_dir, config, host, port, model, device, backend, ray_address, shard_replicas, encoder_replicas):
     """Serve the collections under --data-dir over HTTP (FastAPI under uvicorn, or on Ray Serve with --ray)."""
     settings = _settings(config, data_dir=data_dir, host=host, port=port, model=model, device=device, backend=backend)
@@ -515,8 +515,10 @@ def serve(data_dir, config, host, port, model, device, backend, ray_address, sha
         from search_api.cluster import serve_on_ray
 
         click.echo(f"deploying {settings.data_dir} on Ray Serve ({ray_address})", err=True)
-        serve_on_ray(settings, ray_address, shard_replicas, encoder_replicas)
+        serve_on_ray(settings, ray_address, shard_replicas or 1, encoder_replicas or 1)
         return
+    if shard_replicas or encoder_replicas:
+        raise click.UsageError("--shard-replicas and --encoder-replicas need --ray")
     import uvicorn
 
     from search_api.app import create_app

@@ -37,7 +37,13 @@ from indexer.distributed import connect, import_ray
 from indexer.settings import Settings
 from search_api.service import SearchService
 from storage.collection import Collection, Manifest, collection_dir, list_collections
-from storage.errors import InvalidInputError, ModelLoadingError, ShardUnavailableError, StellaSearchError
+from storage.errors import (
+    InvalidInputError,
+    ModelLoadingError,
+    ModelUnavailableError,
+    ShardUnavailableError,
+    StellaSearchError,
+)
 from storage.sharding import ShardedCollection, is_sharded, read_layout, shard_name
 
 log = logging.getLogger(__name__)
@@ -119,42 +125,58 @@ class EncoderServer:
 # -- the gateway's view of the deployments ------------------------------------------------------------------
 
 
-def _call(handle, label: str, method: str, *args, **kwargs):
-    """``method`` on a deployment, retried while replicas restart; domain errors come back as themselves."""
+# Shard methods that change the shard: repeating one whose first attempt may have run must be harmless
+WRITES = frozenset({"write", "delete", "index_field", "checkpoint", "optimize"})
+REPEATABLE_WRITES = frozenset({"write", "checkpoint"})  # a rewrite stores the same content; a re-delete counts 0
+
+
+def _call(handle, label: str, method: str, *args, write: bool = False, repeatable: bool = True, **kwargs):
+    """``method`` on a deployment, retried while replicas restart; domain errors come back as themselves.
+
+    Reads are retried on any sign of a dead, restarting or overloaded replica, and on timeouts (cancelled first).
+    Writes are retried only when the request cannot have run (no replica took it, or back-pressure), or when it
+    is ``repeatable``; a timed-out write is cancelled and never repeated.
+    """
     from ray import exceptions as ray_errors
     from ray.serve import exceptions as serve_errors
 
-    unavailable = (
-        ray_errors.RayActorError,
-        ray_errors.ActorUnavailableError,
-        ray_errors.GetTimeoutError,
-        serve_errors.BackPressureError,
-        serve_errors.DeploymentUnavailableError,
-        serve_errors.RequestCancelledError,
-        TimeoutError,
-    )
+    not_dispatched = (serve_errors.BackPressureError, serve_errors.DeploymentUnavailableError)
+    replica_lost = (ray_errors.RayActorError, ray_errors.ActorUnavailableError, serve_errors.RequestCancelledError)
+    timed_out = (ray_errors.GetTimeoutError, TimeoutError)
+    retry_on = not_dispatched + replica_lost + timed_out if not write else not_dispatched
+    if write and repeatable:
+        retry_on += replica_lost
     delay = 0.25
     last: Exception | None = None
     for attempt in range(CALL_ATTEMPTS):
+        response = getattr(handle, method).remote(*args, **kwargs)
         try:
-            return getattr(handle, method).remote(*args, **kwargs).result(timeout_s=CALL_TIMEOUT_S)
+            return response.result(timeout_s=CALL_TIMEOUT_S)
         except ray_errors.RayTaskError as exc:
             cause = exc.cause
             if isinstance(cause, StellaSearchError):
                 raise cause from None
-            if isinstance(cause, unavailable):
-                last = cause
-            else:
-                raise
-        except unavailable as exc:
+            last = cause if isinstance(cause, Exception) else exc
+        except (*not_dispatched, *replica_lost, *timed_out) as exc:
             last = exc
+        if isinstance(last, timed_out):
+            response.cancel()
+        if not isinstance(last, retry_on):
+            break
         if attempt < CALL_ATTEMPTS - 1:
             log.warning("%s.%s failed (%s); retrying in %.2fs", label, method, type(last).__name__, delay)
             time.sleep(delay)
             delay *= 2
+    if not isinstance(last, (*not_dispatched, *replica_lost, *timed_out)):
+        raise last
+    outcome = (
+        "the write may have been applied in part; repeating the request is safe"
+        if write
+        else "no partial result was returned"
+    )
     raise ShardUnavailableError(
-        f"{label} did not answer after {CALL_ATTEMPTS} attempts ({type(last).__name__}); no partial result was "
-        "returned and nothing unacknowledged was kept. Retry in a few seconds; GET /health shows the shards."
+        f"{label} did not answer ({type(last).__name__}, {attempt + 1} attempt(s)); {outcome}. Retry in a few "
+        "seconds; GET /health shows the shards."
     )
 
 
@@ -168,6 +190,18 @@ class RemoteShard:
         self._size = (0.0, 0)
 
     def _remote(self, method: str, *args, **kwargs):
+        if method in WRITES:
+            self._size = (0.0, 0)  # the next search re-reads the shard's size
+            return _call(
+                self._handle,
+                self.label,
+                "call",
+                method,
+                *args,
+                write=True,
+                repeatable=method in REPEATABLE_WRITES,
+                **kwargs,
+            )
         return _call(self._handle, self.label, "call", method, *args, **kwargs)
 
     @property
@@ -281,7 +315,13 @@ class ClusterSearchService(SearchService):
     def _encoder_for(self, collection, wait: bool = True):
         if wait and not self._ready.is_set():
             raise ModelLoadingError("the encoder deployment is still starting; retry in a few seconds")
-        return self._remote_encoders[encoder_key(collection.manifest)]
+        encoder = self._remote_encoders.get(encoder_key(collection.manifest))
+        if encoder is None:
+            raise ModelUnavailableError(
+                f"the encoder deployment for collection {collection.name} did not come up ({self._load_error}); "
+                "see the Serve logs, then redeploy"
+            )
+        return encoder
 
     def _refuse(self, what: str):
         raise InvalidInputError(

@@ -88,14 +88,19 @@ class _CollectionCollector:
         shard_vectors = GaugeMetricFamily(
             "stella_shard_index_vectors", "vectors in each shard's FAISS index", labels=["collection", "shard"]
         )
+        shard_up = GaugeMetricFamily(
+            "stella_shard_up", "1 when the shard answered the scrape, 0 when not", labels=["collection", "shard"]
+        )
         if service is not None:
             for name, health in service.health().collections.items():
                 passages.add_metric([name], health["passages"])
                 vectors.add_metric([name], health["index_vectors"])
                 for shard in health.get("shards", []):
-                    shard_passages.add_metric([name, shard["shard"]], shard["passages"])
-                    shard_vectors.add_metric([name, shard["shard"]], shard["index_vectors"])
-        yield from (passages, vectors, shard_passages, shard_vectors)
+                    shard_up.add_metric([name, shard["shard"]], int(shard["status"] == "ok"))
+                    if shard["status"] == "ok":
+                        shard_passages.add_metric([name, shard["shard"]], shard["passages"])
+                        shard_vectors.add_metric([name, shard["shard"]], shard["index_vectors"])
+        yield from (passages, vectors, shard_passages, shard_vectors, shard_up)
         import torch
 
         if torch.cuda.is_available():

@@ -427,11 +427,13 @@ class SearchService:
 def _collection_health(c: Collection | ShardedCollection) -> dict:
     if isinstance(c, ShardedCollection):
         shards = c.shard_health()
+        up = [s for s in shards if s["status"] == "ok"]
         return {
-            "index_vectors": sum(s["index_vectors"] for s in shards),
-            "passages": sum(s["passages"] for s in shards),
-            "documents": sum(s["documents"] for s in shards),
-            "index_on_gpu": all(s["index_on_gpu"] for s in shards),
+            "status": "ok" if len(up) == len(shards) else "degraded",
+            "index_vectors": sum(s["index_vectors"] for s in up),
+            "passages": sum(s["passages"] for s in up),
+            "documents": sum(s["documents"] for s in up),
+            "index_on_gpu": bool(up) and all(s["index_on_gpu"] for s in up),
             "shards": shards,
         }
     return c.health()

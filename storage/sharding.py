@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +42,12 @@ from storage.collection import (
     Passage,
     WriteResult,
 )
-from storage.errors import CollectionExistsError, InvalidInputError, NotFoundError
-from storage.vector_index import DEFAULT_RECALL
+from storage.errors import CollectionExistsError, InvalidInputError, NotFoundError, StellaSearchError
+from storage.vector_index import DEFAULT_RECALL, INDEX_TYPE
 
 MAX_SHARDS = 256
 PASSAGE_ID_BITS = 40  # shard i's passage ids start at i << 40: room for a trillion passages per shard
+FAN_OUT_THREADS = 32
 
 
 def shard_of(document_id: str, shards: int) -> int:
@@ -105,18 +106,27 @@ def merge_ranked(lists: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
 
 def reshard(source: Collection | ShardedCollection, target: Path | str, shards: int) -> Collection | ShardedCollection:
     """Copy ``source`` (its documents, passages and stored vectors: nothing is re-encoded) into a new collection
-    of ``shards`` shards at ``target``; the source is read under its writer lock, so the copy is of one state.
+    of ``shards`` shards at ``target``; the source is read under its writer lock, so the copy is of one state
+    (writers wait meanwhile). The copy is built with exact indexes, then each shard is optimized to the index
+    type the source asked for; a failed copy is removed.
 
-    This is how a collection gains shards: build the new layout beside the old one, then swap the directories.
+    This is how a collection gains shards: build the new layout beside the old one, then serve it.
     """
-    created = create_collection(target, source.manifest, shards)
+    manifest = replace(source.manifest, index_type=INDEX_TYPE, index_params={})
+    created = create_collection(target, manifest, shards)
     try:
         with source.writing(), created.writing():
             for documents, passages, vectors in source.iter_documents():
                 created.write(documents, passages, vectors)
-        created.checkpoint()
+            for field_name in source.indexed_fields():
+                created.index_field(field_name)
+            created.checkpoint()
+        requested = source.manifest.index_params.get("requested")
+        if requested:
+            created.optimize(requested)
     except BaseException:
         created.close()
+        shutil.rmtree(target, ignore_errors=True)
         raise
     return created
 
@@ -132,7 +142,11 @@ class ShardedCollection:
         self.path = Path(path)
         self.manifest = manifest
         self.shards = list(shards)
-        self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix=f"{self.path.name}-shard")
+        # reads only: nothing run on the pool takes a writer lock, so a caller holding ``writing()`` never waits
+        # on its own pool; sized for many concurrent searches, each of which fans out to every shard
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(FAN_OUT_THREADS, len(self.shards)), thread_name_prefix=f"{self.path.name}-shard"
+        )
 
     # -- opening ---------------------------------------------------------------------------------------------
 
@@ -191,7 +205,8 @@ class ShardedCollection:
     # -- fan-out plumbing ------------------------------------------------------------------------------------
 
     def _each(self, call: Callable) -> list:
-        """``call(shard)`` on every shard concurrently; results in shard order."""
+        """``call(shard)`` on every shard concurrently; results in shard order. Never for calls that take a
+        shard's writer lock (those run in the caller's thread, which may already hold it)."""
         return list(self._pool.map(call, self.shards))
 
     def _by_shard(self, ids: Sequence[str]) -> dict[int, list[str]]:
@@ -242,8 +257,6 @@ class ShardedCollection:
     def content_hashes(self, ids: Sequence[str]) -> dict[str, str]:
         return {doc_id: state[0] for doc_id, state in self.document_states(ids).items()}
 
-    is_unchanged = staticmethod(Collection.is_unchanged)
-
     def get(self, document_id: str) -> tuple[Document, list[Passage]]:
         return self.owner(document_id).get(document_id)
 
@@ -266,9 +279,16 @@ class ShardedCollection:
         return self.shards[0].indexed_fields()
 
     def shard_health(self) -> list[dict]:
-        """Each shard's counts, with its directory name."""
+        """Each shard's counts with its directory name; a shard that does not answer says so instead."""
+
+        def health(shard) -> dict:
+            try:
+                return {"status": "ok", **shard.health()}
+            except StellaSearchError as exc:
+                return {"status": "unavailable", "error": str(exc)}
+
         layout = [shard_name(i) for i in range(len(self.shards))]
-        return [{"shard": name, **h} for name, h in zip(layout, self._each(lambda s: s.health()))]
+        return [{"shard": name, **h} for name, h in zip(layout, self._each(health))]
 
     def shard_infos(self) -> list[dict]:
         return self._each(lambda s: s.info())
@@ -331,6 +351,8 @@ class ShardedCollection:
             parts[owner][1].append(passage)
             parts[owner][2].append(row)
         vectors = np.asarray(vectors, dtype="float32")
+        if len(vectors) != len(passages):
+            raise InvalidInputError(f"{len(passages)} passages but {len(vectors)} vectors; give one vector per passage")
         total = WriteResult(0, 0, 0)
         for shard, (docs, shard_passages, rows) in sorted(parts.items()):
             result = self.shards[shard].write(docs, shard_passages, vectors[rows] if rows else vectors[:0])
@@ -345,8 +367,7 @@ class ShardedCollection:
         """Delete by id (each id at its owner) and/or by filter (on every shard)."""
         if where is not None:
             owned = self._by_shard(document_ids)
-            indexes = range(len(self.shards))
-            return sum(self._pool.map(lambda i: self.shards[i].delete(owned.get(i, []), where=where), indexes))
+            return sum(shard.delete(owned.get(i, []), where=where) for i, shard in enumerate(self.shards))
         return sum(self.shards[shard].delete(owned) for shard, owned in self._by_shard(document_ids).items())
 
     def index_field(self, field_name: str) -> int:
@@ -364,7 +385,8 @@ class ShardedCollection:
         return {"name": self.name, "shards": reports}
 
     def checkpoint(self) -> None:
-        self._each(lambda s: s.checkpoint())
+        for shard in self.shards:  # in this thread: it may hold every shard's writer lock already
+            shard.checkpoint()
 
     def retire(self) -> None:
         self._each(lambda s: s.retire())

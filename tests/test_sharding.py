@@ -134,6 +134,10 @@ def test_reshard_copies_stored_vectors_without_reencoding(pair, tmp_path):
         assert [h.document_id for h in five.search(query, 10)[0]] == [h.document_id for h in one.search(query, 10)[0]]
     with reshard(one, tmp_path / "back", 2) as back:
         assert back.all_document_states() == one.all_document_states()
+    one.optimize("HNSW32")
+    with reshard(one, tmp_path / "hnsw", 2) as hnsw:  # the copy gets the source's index type, tuned per shard
+        assert [s.manifest.index_type for s in hnsw.shards] == ["IDMap2,HNSW32"] * 2
+        assert hnsw.search(query, 1)[0][0].document_id == "doc-11"
 
 
 CORPUS = read_jsonl(SHARED_DATA / "scifact" / "corpus.jsonl", limit=60)
@@ -151,10 +155,17 @@ def test_cli_creates_shows_and_refuses_to_reshape_a_sharded_collection(tmp_path)
     assert len(info["shard_details"]) == 3 and all(s["documents"] > 0 for s in info["shard_details"])
     again = runner.invoke(main, ["ingest", str(corpus), *common, "--model", "minilm", "--shards", "2"])
     assert again.exit_code == 2 and "has 3 shard(s)" in again.output
+    for shard in ("shard-000", "shard-001", "shard-002"):  # the ingest checkpointed every shard's index
+        stamp = json.loads((tmp_path / "data" / "sci" / shard / "index.json").read_text())
+        with Collection.open(tmp_path / "data" / "sci" / shard) as opened:
+            assert stamp["max_passage_id"] == opened._high_water_marks()[0] and stamp["ntotal"] > 0
+    everything = '{"no_such_field": {"$exists": false}}'
+    deleted = runner.invoke(main, ["delete", *common, "--filter", everything, "--id", CORPUS[1]["_id"]])
+    assert deleted.exit_code == 0 and "deleted 60 documents" in deleted.stdout, deleted.output
     snapshot = runner.invoke(main, ["snapshot", *common])
     assert snapshot.exit_code == 2 and "snapshot each shard" in snapshot.output and "shard-000" in snapshot.output
     found = runner.invoke(main, ["search", CORPUS[0]["title"], *common, "-k", "1", "--json"])
-    assert json.loads(found.stdout)["results"][0]["id"] == CORPUS[0]["_id"]
+    assert json.loads(found.stdout)["results"] == []
 
 
 def test_http_creates_a_sharded_collection_and_serves_it(tmp_path, minilm):
