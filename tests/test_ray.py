@@ -101,7 +101,7 @@ def served(cluster, tmp_path_factory):
         reshard(one, root / "data" / "sci3", 3).close()
     settings = _settings(root / "data", shard_cpus=0.25, gateway_cpus=0.25, encoder_cpus=1.0)
     url = serve_on_ray(settings, "auto", blocking=False)
-    with SearchClient(url, retries=3) as client:
+    with SearchClient(url, retries=3, timeout=300) as client:
         deadline = time.monotonic() + 120
         while client.health().status != "ok" and time.monotonic() < deadline:
             time.sleep(1)
@@ -133,7 +133,7 @@ def test_three_shards_answer_exactly_as_one_through_http(served):
             responses = client.search_batch(queries, k=k, collection=name, group_by="document")
             return [[(h.id, h.score) for h in r.results] for r in responses]
 
-        runs[name] = run_queries(dataset, search, 100)
+        runs[name] = run_queries(dataset, search, 100, batch=16)
         top10[name] = {q: list(docs)[:10] for q, docs in runs[name].items()}
     assert top10["sci3"] == top10["sci1"]
     one, three = evaluate(dataset, runs["sci1"]), evaluate(dataset, runs["sci3"])
