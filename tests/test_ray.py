@@ -94,8 +94,9 @@ def served(cluster, tmp_path_factory):
     from search_api.cluster import serve_on_ray
 
     root = tmp_path_factory.mktemp("served")
-    # the ONNX backend (same vectors within 2e-7) keeps the 5,183-document ingest short
-    fast = cpu_settings(backend="onnx")
+    # int8 passages (nDCG@10 within 0.001 of fp32 on scifact) keep the 5,183-document ingest short; both
+    # collections hold the same vectors, which is what the comparison needs
+    fast = cpu_settings(backend="onnx-int8")
     ingest_paths([SCIFACT / "corpus.jsonl"], root / "data", "sci1", fast, model="minilm")
     with Collection.open(root / "data" / "sci1") as one:
         reshard(one, root / "data" / "sci3", 3).close()
@@ -133,7 +134,7 @@ def test_three_shards_answer_exactly_as_one_through_http(served):
             responses = client.search_batch(queries, k=k, collection=name, group_by="document")
             return [[(h.id, h.score) for h in r.results] for r in responses]
 
-        runs[name] = run_queries(dataset, search, 100, batch=16)
+        runs[name] = run_queries(dataset, search, 10, batch=16)  # nDCG@10 needs the top 10
         top10[name] = {q: list(docs)[:10] for q, docs in runs[name].items()}
     assert top10["sci3"] == top10["sci1"]
     one, three = evaluate(dataset, runs["sci1"]), evaluate(dataset, runs["sci3"])
