@@ -30,18 +30,11 @@ import numpy as np
 
 from indexer.chunking import Chunker, text_to_encode
 from indexer.encoder import Encoder
-from indexer.pipeline import IngestReport, encoder_for_manifest, shard_count
+from indexer.pipeline import IngestReport, encoder_for_manifest, prepare_collection
 from indexer.settings import Settings
 from indexer.sources import check_sources, read_documents
-from storage.collection import Document, Manifest, Passage, collection_dir, content_hash, metadata_to_json
-from storage.errors import (
-    CollectionExistsError,
-    InvalidInputError,
-    ModelMismatchError,
-    NotFoundError,
-    StellaSearchError,
-)
-from storage.sharding import create_collection, open_collection
+from storage.collection import Document, Manifest, Passage, content_hash, metadata_to_json
+from storage.errors import InvalidInputError, StellaSearchError
 
 log = logging.getLogger(__name__)
 
@@ -201,26 +194,9 @@ def ingest_paths_on_ray(
     total = check_sources(paths)
     ray = connect(address)
     started = time.perf_counter()
-    path = collection_dir(data_dir, name)
-    try:
-        collection = open_collection(path)
-    except NotFoundError:
-        try:
-            collection = create_collection(path, _manifest_on_cluster(ray, settings, model, dim), shards or 1)
-        except CollectionExistsError:
-            collection = open_collection(path)
-    if shards is not None and shards != shard_count(collection):
-        collection.close()
-        raise InvalidInputError(
-            f"collection {name} has {shard_count(collection)} shard(s); --shards {shards} only applies when a "
-            "collection is created"
-        )
-    if dim is not None and dim != collection.manifest.dim:
-        collection.close()
-        raise ModelMismatchError(
-            f"collection {name} was built with {collection.manifest.describe()}; refusing dim {dim}. "
-            "Vectors of different dimensions cannot share an index: ingest into a new collection."
-        )
+    collection, _ = prepare_collection(
+        data_dir, name, lambda: _manifest_on_cluster(ray, settings, model, dim), dim, shards
+    )
     gpus = _gpus_per_actor(ray)
     workers = _check_workers(ray, workers, gpus, settings)
     report = IngestReport()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -82,22 +82,23 @@ def shard_count(collection: Collection | ShardedCollection) -> int:
     return len(collection.shards) if isinstance(collection, ShardedCollection) else 1
 
 
-def open_or_create_collection(
+def prepare_collection(
     data_dir: Path,
     name: str,
-    settings: Settings,
-    model: str | None = None,
+    new_manifest: Callable[[], Manifest],
     dim: int | None = None,
     shards: int | None = None,
-) -> tuple[Collection | ShardedCollection, Encoder]:
-    """The collection ``name`` with its encoder; created with ``model``/``dim``/``shards`` (or the settings') if new."""
+) -> tuple[Collection | ShardedCollection, bool]:
+    """The collection ``name``, created with ``new_manifest()`` and ``shards`` if new, and whether it was created.
+
+    An existing collection must have the asked ``shards`` and ``dim`` (when given).
+    """
     path = collection_dir(data_dir, name)
     try:
         collection = open_collection(path)
     except NotFoundError:
-        encoder = Encoder.load(model, settings, dim=dim)
         try:
-            return create_collection(path, encoder.manifest(), shards or 1), encoder
+            return create_collection(path, new_manifest(), shards or 1), True
         except CollectionExistsError:  # another process created it meanwhile: join it
             collection = open_collection(path)
     if shards is not None and shards != shard_count(collection):
@@ -112,6 +113,27 @@ def open_or_create_collection(
             f"collection {name} was built with {collection.manifest.describe()}; refusing dim {dim}. "
             "Vectors of different dimensions cannot share an index: ingest into a new collection."
         )
+    return collection, False
+
+
+def open_or_create_collection(
+    data_dir: Path,
+    name: str,
+    settings: Settings,
+    model: str | None = None,
+    dim: int | None = None,
+    shards: int | None = None,
+) -> tuple[Collection | ShardedCollection, Encoder]:
+    """The collection ``name`` with its encoder; created with ``model``/``dim``/``shards`` (or the settings') if new."""
+    loaded: list[Encoder] = []
+
+    def new_manifest() -> Manifest:
+        loaded.append(Encoder.load(model, settings, dim=dim))
+        return loaded[0].manifest()
+
+    collection, created = prepare_collection(data_dir, name, new_manifest, dim, shards)
+    if created:
+        return collection, loaded[0]
     try:
         encoder = encoder_for_collection(collection, settings, model)
     except Exception:

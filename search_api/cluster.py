@@ -350,8 +350,7 @@ def plan(settings: Settings) -> dict:
     collections = {}
     for name in list_collections(settings.data_dir):
         paths = shard_paths(settings.data_dir, name)
-        with Collection.open(paths[0]) as first:
-            manifest = first.manifest
+        manifest = Collection.read_manifest(paths[0])  # the index itself loads in the shard's replica
         collections[name] = {
             "manifest": asdict(manifest),
             "shards": [str(p) for p in paths],

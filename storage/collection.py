@@ -332,7 +332,21 @@ class Collection:
     @classmethod
     def open(cls, path: Path | str, use_gpu: bool | None = None) -> Collection:
         """Open an existing collection, bringing its FAISS index up to date with SQLite."""
-        path = Path(path)
+        probe = cls._probe(Path(path), use_gpu)
+        probe._migrate()
+        probe._load_index()
+        return probe
+
+    @classmethod
+    def read_manifest(cls, path: Path | str) -> Manifest:
+        """An existing collection's manifest, without loading its index."""
+        probe = cls._probe(Path(path), use_gpu=False)
+        probe.close()
+        return probe.manifest
+
+    @classmethod
+    def _probe(cls, path: Path, use_gpu: bool | None) -> Collection:
+        """The collection object with its manifest read from SQLite; nothing else loaded yet."""
         if not (path / DB_FILE).exists():
             raise NotFoundError(f"no collection at {path} (no {DB_FILE}); create one by ingesting into it")
         probe = cls(path, manifest=None, use_gpu=use_gpu)  # type: ignore[arg-type]
@@ -351,8 +365,6 @@ class Collection:
         stored = {k: v for k, v in rows[0].items() if k in known}
         stored.update(normalized=bool(stored["normalized"]), index_params=_json_dict(stored.get("index_params")))
         probe.manifest = Manifest(**stored)
-        probe._migrate()
-        probe._load_index()
         return probe
 
     @classmethod
