@@ -1,11 +1,12 @@
 """Query latency through HTTP against in-process encode+search, and requests/s at 1, 8 and 32 clients, for the
 server with query micro-batching and without it, both measured in the same run.
 
-Everything runs on loopback and stops by itself: a real `stella-search serve` process on a free 127.0.0.1 port,
-a bounded number of single queries, then a bounded duration per concurrency level. The load generator shares
-the machine with the server (2 cores here), which the JSON records.
+Everything runs on loopback and stops by itself: two real `stella-search serve` processes on free 127.0.0.1
+ports (micro-batching on and off), a bounded number of single queries alternating between them, then for each
+concurrency level a few short rounds per server, taking turns. The load generator is a lean keep-alive HTTP/1.1
+client sharing the machine with the servers (2 cores here), which the JSON records.
 
-    python scripts/bench_api.py --docs 2000 --seconds 10 --out scripts/results/bench_api.json
+    python scripts/bench_api.py --docs 2000 --seconds 5 --rounds 4 --out scripts/results/bench_api.json
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -53,32 +56,69 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that posts JSON and reads the response: a load generator far lighter
+    than httpx (about a tenth of its CPU per request), so that on 2 shared cores the server, not the client, is
+    what is measured. It reads only what uvicorn sends: a status line, headers with Content-Length, a body."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, url: str) -> Connection:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        return cls(reader, writer, parts.netloc)
+
+    async def post(self, path: str, payload: dict) -> tuple[int, bytes]:
+        body = json.dumps(payload).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        header = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(header[9:12])
+        length = 0
+        for line in header.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 async def load_level(
     url: str, queries: list[str], clients: int, seconds: float, k: int, collection: str = "default"
 ) -> dict:
+    """``clients`` connections each posting one search after another for ``seconds``; rate and latency."""
     latencies: list[float] = []
     errors = 0
+    path = f"/collections/{collection}/search"
+    connections = [await Connection.open(url) for _ in range(clients)]
     deadline = time.perf_counter() + seconds
 
-    async def worker(offset: int, http: httpx.AsyncClient) -> None:
+    async def worker(offset: int, connection: Connection) -> None:
         nonlocal errors
         i = offset
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            response = await http.post(
-                f"/collections/{collection}/search", json={"query": queries[i % len(queries)], "k": k}
-            )
-            if response.status_code == 200:
+            status, _ = await connection.post(path, {"query": queries[i % len(queries)], "k": k})
+            if status == 200:
                 latencies.append(time.perf_counter() - started)
             else:
                 errors += 1
             i += clients
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+    try:
         started = time.perf_counter()
-        await asyncio.gather(*(worker(c, http) for c in range(clients)))
+        await asyncio.gather(*(worker(c, conn) for c, conn in enumerate(connections)))
         elapsed = time.perf_counter() - started
+    finally:
+        for connection in connections:
+            connection.close()
     return {
         "clients": clients,
         "seconds": round(elapsed, 2),
@@ -92,25 +132,27 @@ async def load_level(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=2000, help="msmarco documents to index")
-    parser.add_argument("--singles", type=int, default=200, help="sequential single queries per path")
-    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each concurrency level")
+    parser.add_argument("--singles", type=int, default=200, help="sequential single queries per server")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of one round of one concurrency level")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per level, alternating the two servers")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--backend", default="torch", help="the query encoder of both servers")
     parser.add_argument("--out", type=Path, default=Path("scripts/results/bench_api.json"))
     args = parser.parse_args()
 
-    from indexer.encoder import configure_search_threads
+    from indexer.encoder import Encoder, configure_search_threads
     from indexer.pipeline import encoder_for_collection, ingest_documents
     from indexer.settings import load_settings
     from indexer.sources import read_documents
     from storage.collection import Collection
 
     queries = load_queries()
-    settings = load_settings(cli={"encoder": {"model": "minilm"}, "processing": {"device": "cpu"}})
+    settings = load_settings(
+        cli={"encoder": {"model": "minilm", "backend": args.backend}, "processing": {"device": "cpu"}}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
-        from indexer.encoder import Encoder
-
         encoder = Encoder.load("minilm", settings)
         collection = Collection.create(data_dir / "default", encoder.manifest())
         documents = list(read_documents(SHARED / "msmarco" / "corpus.jsonl"))[: args.docs]
@@ -126,11 +168,8 @@ def main() -> None:
             collection.search(encoder.encode_queries([queries[i % len(queries)]]), args.k)
             in_process.append(time.perf_counter() - started)
         collection.close()
-
-        servers = {
-            name: measure_server(data_dir, queries, args, microbatch)
-            for name, microbatch in (("unbatched", False), ("microbatched", True))
-        }
+        del encoder
+        servers = measure_servers(Path(tmp), data_dir, queries, args)
 
     single_local = percentiles(in_process)
     unbatched, batched = servers["unbatched"], servers["microbatched"]
@@ -138,13 +177,17 @@ def main() -> None:
     result = {
         "benchmark": "api",
         "model": "minilm",
+        "backend": args.backend,
         "documents": args.docs,
         "k": args.k,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
-            "note": "load generator and server share the machine",
+            "note": "load generator and both servers share the machine; the servers take turns, never loaded at once",
         },
+        "method": "both servers up at once; single queries in alternating blocks of 25 (after 5 unmeasured); "
+        f"each concurrency level runs {args.rounds} rounds of {args.seconds} s per server, alternating, so drift "
+        "on a shared machine hits both",
         "in_process_encode_plus_search": single_local,
         **servers,
         "ratios": {
@@ -163,45 +206,117 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
-def measure_server(data_dir: Path, queries: list[str], args, microbatch: bool) -> dict:
-    """Start `stella-search serve` on the collection, then single queries and each concurrency level."""
+def start_server(data_dir: Path, microbatch: bool, backend: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     stella = os.path.join(os.path.dirname(sys.executable), "stella-search")
-    env = {**os.environ, "STELLA_SEARCH_SERVER__MICROBATCH": "true" if microbatch else "false"}
+    env = {
+        **os.environ,
+        "STELLA_SEARCH_SERVER__MICROBATCH": "true" if microbatch else "false",
+        "STELLA_SEARCH_ENCODER__BACKEND": backend,
+    }
     server = subprocess.Popen(
         [stella, "serve", "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
     )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(server: subprocess.Popen, url: str) -> None:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if http.get("/health").json()["status"] == "ok":
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the server did not come up")
+            time.sleep(0.2)
+
+
+async def single_queries(
+    urls: dict[str, str], queries: list[str], n: int, k: int, block: int = 25, warm: int = 5
+) -> dict[str, list[float]]:
+    """``n`` sequential queries per server, in alternating blocks of ``block`` (the first ``warm`` of each block
+    unmeasured): drift hits both servers alike, and each is measured as a lone client meets it, not just
+    after the other server had the cores (alternating query by query added 3-6 ms to both, cores waking)."""
+    connections = {name: await Connection.open(url) for name, url in urls.items()}
+    samples: dict[str, list[float]] = {name: [] for name in urls}
+    i = 0
     try:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if http.get("/health").json()["status"] == "ok":
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not come up")
-                time.sleep(0.2)
-            for q in queries[:10]:
-                http.post("/collections/default/search", json={"query": q, "k": args.k})
-            through_http = []
-            for i in range(args.singles):
-                started = time.perf_counter()
-                response = http.post(
-                    "/collections/default/search", json={"query": queries[i % len(queries)], "k": args.k}
-                )
-                response.raise_for_status()
-                through_http.append(time.perf_counter() - started)
-        levels = [asyncio.run(load_level(url, queries, int(c), args.seconds, args.k)) for c in args.clients.split(",")]
+        while min(len(s) for s in samples.values()) < n:
+            for name, connection in connections.items():
+                for j in range(block + warm):
+                    started = time.perf_counter()
+                    status, body = await connection.post(
+                        "/collections/default/search", {"query": queries[(i + j) % len(queries)], "k": k}
+                    )
+                    if status != 200:
+                        raise SystemExit(f"{name} answered {status}: {body[:200]!r}")
+                    if j >= warm and len(samples[name]) < n:
+                        samples[name].append(time.perf_counter() - started)
+            i += block + warm
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-    return {"microbatch": microbatch, "single_query": percentiles(through_http), "concurrency": levels}
+        for connection in connections.values():
+            connection.close()
+    return samples
+
+
+def measure_servers(tmp: Path, data_dir: Path, queries: list[str], args) -> dict:
+    """Start `stella-search serve` with and without micro-batching (each on its own copy of the collection),
+    then single queries and each concurrency level, taking turns."""
+    modes = {"unbatched": False, "microbatched": True}
+    running = {}
+    try:
+        for name, microbatch in modes.items():
+            copy = tmp / name
+            shutil.copytree(data_dir, copy)
+            running[name] = start_server(copy, microbatch, args.backend)
+        for server, url in running.values():
+            wait_ready(server, url)
+        urls = {name: url for name, (_, url) in running.items()}
+        singles = asyncio.run(single_queries(urls, queries, args.singles, args.k))
+        rounds: dict[str, dict[int, list[dict]]] = {name: {} for name in modes}
+        for clients in (int(c) for c in args.clients.split(",")):
+            for _ in range(args.rounds):
+                for name, url in urls.items():
+                    level = asyncio.run(load_level(url, queries, clients, args.seconds, args.k))
+                    rounds[name].setdefault(clients, []).append(level)
+    finally:
+        for server, _ in running.values():
+            server.terminate()
+        for server, _ in running.values():
+            server.wait(timeout=30)
+    return {
+        name: {
+            "microbatch": microbatch,
+            "single_query": percentiles(singles[name]),
+            "concurrency": [combine(levels) for levels in rounds[name].values()],
+        }
+        for name, microbatch in modes.items()
+    }
+
+
+def combine(levels: list[dict]) -> dict:
+    """One concurrency level over its rounds: total requests over total time; latency percentiles are the
+    median of the rounds'."""
+    seconds = sum(level["seconds"] for level in levels)
+    requests = sum(level["requests"] for level in levels)
+    return {
+        "clients": levels[0]["clients"],
+        "seconds": round(seconds, 2),
+        "requests": requests,
+        "errors": sum(level["errors"] for level in levels),
+        "requests_per_s": round(requests / seconds, 1),
+        "requests_per_s_by_round": [level["requests_per_s"] for level in levels],
+        "p50_ms": round(float(np.median([level["p50_ms"] for level in levels])), 2),
+        "p99_ms": round(float(np.median([level["p99_ms"] for level in levels])), 2),
+        "mean_ms": round(sum(level["mean_ms"] * level["n"] for level in levels) / max(requests, 1), 2),
+        "n": requests,
+    }
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The collection on disk: real SQLite files and real FAISS indexes in tmp_path."""
 
 import hashlib
+import os
 import logging
 
 import numpy as np
@@ -156,3 +157,35 @@ def test_collection_names_are_checked(tmp_path):
     for bad in ["../escape", "", ".hidden", "a/b", "x" * 65]:
         with pytest.raises(InvalidInputError, match="invalid collection name"):
             collection_dir(tmp_path, bad)
+
+
+def test_the_faiss_thread_count_reaches_every_searching_thread():
+    """OpenMP keeps its thread count per thread: the server's request threads must get the configured count,
+    not one thread per core (their spinning slowed the encoder's own threads)."""
+    import threading
+
+    from storage import vector_index
+    from storage.vector_index import VectorIndex, import_faiss, set_search_threads
+
+    faiss = import_faiss()
+    before, configured = faiss.omp_get_max_threads(), vector_index._search_threads
+    index = VectorIndex.empty(4, use_gpu=False)
+    index.add(np.eye(4, dtype="float32"), np.arange(4, dtype="int64"))
+    seen = {}
+
+    def search_in_a_new_thread(key):
+        seen[key, "before"] = faiss.omp_get_max_threads()
+        index.search(np.eye(1, 4, dtype="float32"), 1)
+        seen[key, "after"] = faiss.omp_get_max_threads()
+
+    try:
+        set_search_threads(1)
+        worker = threading.Thread(target=search_in_a_new_thread, args=("one",))
+        worker.start()
+        worker.join()
+        assert seen["one", "after"] == 1
+        if (os.cpu_count() or 1) > 1:
+            assert seen["one", "before"] > 1  # what the thread had before searching: OpenMP's default
+    finally:
+        vector_index._search_threads = configured
+        faiss.omp_set_num_threads(before)
