@@ -1,8 +1,8 @@
 """The collection on disk: real SQLite files and real FAISS indexes in tmp_path."""
 
 import hashlib
-import os
 import logging
+import os
 
 import numpy as np
 import pytest
