@@ -11,6 +11,8 @@ model's own ``config_sentence_transformers.json``; a model without them (MiniLM)
 
 from __future__ import annotations
 
+import copy
+import functools
 import gc
 import hashlib
 import logging
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# texts tokenised at once by a token-budget encode (each window padded to its longest: 4096 x 512 int64 x 3 is
+# 50 MB); batches are length-sorted within a window
+TOKENISE_WINDOW = 4096
 PROMPT_NAMES = {"s2p": ("s2p_query", None), "s2s": ("s2s_query", "s2s_query")}
 
 
@@ -183,14 +188,23 @@ class Encoder:
     def tokenizer(self):
         return self.model.tokenizer
 
+    @functools.cached_property
+    def chunk_tokenizer(self):
+        """A copy of the tokenizer for chunking. A fast tokenizer keeps its padding and truncation settings in
+        one shared Rust object, so chunking (no padding) on one thread while a batch is tokenised for the model
+        (padding) on another broke the batch ("expected sequence of length 138 ... got 112"): the pipelined
+        ingest chunks the next batch while this one encodes, and the server chunks upserts while it encodes
+        queries."""
+        return copy.deepcopy(self.model.tokenizer)
+
     @property
     def int8(self) -> Int8Recipe | None:
         """The int8 quantisation recipe of the ``onnx-int8`` backend; None for full-precision vectors."""
         if self.settings.encoder.backend != "onnx-int8":
             return None
-        from indexer.onnx_backend import DEFAULT_INT8
+        from indexer.onnx_backend import Int8Recipe
 
-        return DEFAULT_INT8
+        return Int8Recipe(keep_fp32=tuple(self.settings.encoder.int8_keep_fp32))
 
     @property
     def precision(self) -> str:
@@ -298,11 +312,25 @@ class Encoder:
         """Length-sorted batches of at most ``encoder.max_batch_tokens`` padded tokens, for ONNX Runtime.
 
         Short passages then run in large batches and long ones in small, so little of each batch is padding;
-        the order of ``out`` is the order of ``texts``.
+        the order of ``out`` is the order of ``texts``. Each window of texts is tokenised once, padded to its
+        longest, and each batch is cut from it at its own longest length.
         """
-        for idx in self.token_budget_batches(texts, prompt):
-            out[idx] = self._embed(self.model.preprocess([texts[i] for i in idx], prompt=prompt), bulk=True)
-            self._batch_done(bulk=True)
+        for first in range(0, len(texts), TOKENISE_WINDOW):
+            window = texts[first : first + TOKENISE_WINDOW]
+            features = self.model.preprocess(window, prompt=prompt)
+            mask = features["attention_mask"]
+            lengths = mask.sum(dim=1).numpy()
+            left = self.tokenizer.padding_side == "left"
+            for idx in self._budget_batches(lengths):
+                width = int(lengths[idx].max())
+                columns = slice(mask.shape[1] - width, None) if left else slice(0, width)
+                batch = {
+                    name: value[idx][:, columns]
+                    for name, value in features.items()
+                    if getattr(value, "ndim", 0) == 2 and value.shape[0] == len(window)
+                }
+                out[first + idx] = self._embed(batch, bulk=True)
+                self._batch_done(bulk=True)
 
     def token_budget_batches(self, texts: list[str], prompt: str | None = None) -> list[np.ndarray]:
         """Indices into ``texts``, longest first, cut into batches of at most ``max_batch_tokens`` padded tokens.
@@ -311,8 +339,10 @@ class Encoder:
         >>> [list(b) for b in encoder.token_budget_batches(["short", "a long passage " * 50, "short too"])]
         [[1], [2, 0]]
         """
+        return self._budget_batches(np.array(self._token_lengths(texts, prompt)))
+
+    def _budget_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
         budget = self.settings.encoder.max_batch_tokens
-        lengths = np.array(self._token_lengths(texts, prompt))
         order = np.argsort(-lengths, kind="stable")
         batches = []
         start = 0

@@ -62,6 +62,11 @@ class EncoderSettings(_Section):
         ge=0,
         description="onnx bulk encodes: length-sorted batches filled up to this many padded tokens (0: batch_size)",
     )
+    int8_keep_fp32: list[str] = Field(
+        default_factory=lambda: [r"layer\.\d+/output/dense/MatMul$", r"/mlp/down_proj/MatMul$"],
+        description="onnx-int8: regular expressions naming the graph's MatMul nodes kept in fp32 (default: the FFN "
+        "down projections of BERT and Qwen2/GTE layers); [] quantises every one",
+    )
 
 
 class ProcessingSettings(_Section):

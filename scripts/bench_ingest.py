@@ -38,7 +38,9 @@ def bench_corpus(corpus: Path, limit: int | None, model: str, backends: list[str
     settings = load_settings(cli={"encoder": {"model": model}, "processing": {"device": "cpu"}}, environ={})
     documents = list(read_documents(corpus))[:limit]
     encoder = Encoder.load(model, settings)
-    chunker = Chunker(encoder.tokenizer, encoder.max_seq_length, settings.ingest.chunk_overlap, encoder.passage_prompt)
+    chunker = Chunker(
+        encoder.chunk_tokenizer, encoder.max_seq_length, settings.ingest.chunk_overlap, encoder.passage_prompt
+    )
     texts = [text_to_encode(d.title, p.text) for d in documents for p in chunker.split(d)]
     n = len(texts)
 
@@ -76,6 +78,8 @@ def bench_corpus(corpus: Path, limit: int | None, model: str, backends: list[str
             "ratio_encoder_only_vs_baseline": round(baseline_s / bare_encode_s, 3),
             "ratio_ingest_vs_baseline": round(baseline_s / ingest_s, 3),
             "pipeline_overhead_vs_encoder_only": round(ingest_s / bare_encode_s - 1, 4),
+            "precision": encoder.precision,
+            "int8_recipe": repr(encoder.int8) if encoder.int8 else None,
             "cosine_to_baseline_vectors": {
                 "mean": round(float(cosine.mean()), 6),
                 "min": round(float(cosine.min()), 6),
@@ -103,8 +107,6 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from indexer.onnx_backend import DEFAULT_INT8
-
     started, load_before = time.time(), os.getloadavg()  # other work on the machine skews every figure alike
     corpora = [bench_corpus(corpus, args.limit, args.model, args.backends.split(",")) for corpus in args.corpora]
     result = {
@@ -122,7 +124,6 @@ def main() -> None:
         "minutes": round((time.time() - started) / 60, 1),
         "baseline_what": "SentenceTransformer.encode(batch_size=16, normalize_embeddings=True) + IndexFlatIP.add",
         "ingest_what": "read + chunk + encode + SQLite commit (vectors and FTS in rows) + FAISS + checkpoint",
-        "int8_recipe": repr(DEFAULT_INT8),
         "corpora": corpora,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

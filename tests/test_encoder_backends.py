@@ -1,9 +1,12 @@
 """The ONNX Runtime paths: token-budget batching, the int8 graph, and what a collection records about them."""
 
+import re
+
 import numpy as np
 import pytest
 
 from indexer.encoder import Encoder
+from indexer.onnx_backend import GRAPH_VERSION
 from indexer.pipeline import encoder_for_collection
 from indexer.sources import read_documents
 from storage.collection import Collection
@@ -64,7 +67,8 @@ def test_int8_passage_vectors_stay_close_to_fp32_and_queries_stay_fp32(onnx_dir,
     assert cosine.mean() < 0.99999  # really quantised, not the fp32 graph again
     np.testing.assert_allclose(int8.encode_queries(passages[:8]), fp32.encode_queries(passages[:8]), atol=1e-5)
     exported = sorted(p.name for p in onnx_dir.glob("*.onnx") if p.name.startswith(fp32.fingerprint))
-    assert exported == [f"{fp32.fingerprint}.{int8.precision}.onnx", f"{fp32.fingerprint}.onnx"]
+    graph = f"{fp32.fingerprint}.{GRAPH_VERSION}"
+    assert exported == [f"{graph}.{int8.precision}.onnx", f"{graph}.onnx"]
     assert int8.fingerprint != fp32.fingerprint  # the embedding cache never hands int8 vectors to fp32 encodes
 
 
@@ -93,3 +97,22 @@ def test_the_tiny_stella_model_runs_int8(tiny_stella, onnx_dir):
     cosine = (int8.encode_passages(texts) * fp32.encode_passages(texts)).sum(axis=1)
     assert cosine.min() > 0.99
     np.testing.assert_allclose(int8.encode_queries(texts), fp32.encode_queries(texts), atol=1e-5)
+
+
+def test_bert_graphs_are_fused_and_int8_quantises_the_fused_attention(onnx_dir, passages):
+    """MiniLM's export is ONNX Runtime's fused rewrite (Attention, SkipLayerNormalization...), and the int8 graph
+    quantises the fused attention's Q/K/V weights (QAttention) and every MatMul but the FFN down projections."""
+    import onnx
+
+    fp32 = Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx"))
+    int8 = Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx-int8"))
+    graph = onnx_dir / f"{fp32.fingerprint}.{GRAPH_VERSION}"
+    fused = [n.op_type for n in onnx.load(f"{graph}.onnx").graph.node]
+    assert fused.count("Attention") == 6 and "SkipLayerNormalization" in fused
+    quantised = onnx.load(f"{graph}.{int8.precision}.onnx").graph.node
+    assert sum(n.op_type == "QAttention" for n in quantised) == 6
+    ffn_down = [n for n in quantised if re.search(r"layer\.\d+/output/dense/MatMul$", n.name)]
+    assert len(ffn_down) == 6 and all(n.op_type == "MatMul" for n in ffn_down)
+    assert len([n for n in quantised if n.op_type == "MatMulInteger"]) == 12  # attention out + FFN up
+    torch_vectors = Encoder.load("minilm", cpu_settings(backend="torch")).encode_passages(passages[:32])
+    np.testing.assert_allclose(fp32.encode_passages(passages[:32]), torch_vectors, atol=1e-5)
