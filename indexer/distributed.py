@@ -94,7 +94,7 @@ class EncodeDocuments:
     def __init__(self, settings: Settings, model: str | None, manifest: dict, states: dict):
         self.encoder = encoder_for_manifest(Manifest(**manifest), settings, model)
         self.chunker = Chunker(
-            self.encoder.tokenizer,
+            self.encoder.chunk_tokenizer,
             self.encoder.max_seq_length,
             settings.ingest.chunk_overlap,
             self.encoder.passage_prompt,

@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -152,7 +153,12 @@ def ingest_documents(
     checkpoint: bool = True,
     quiet: bool = False,
 ) -> IngestReport:
-    """Encode and commit ``documents`` batch by batch; each batch is one transaction.
+    """Encode and commit ``documents`` batch by batch; each batch is one transaction, committed in input order.
+
+    Batches are pipelined: while one batch is encoded on a worker thread (ONNX Runtime and torch release the GIL
+    while they compute), the next is read, classified against the stored documents and chunked (its text
+    tokenised), and the one before is committed. A batch that repeats a document id of the batch in flight
+    waits for that batch's commit first, so it is classified against what that batch wrote.
 
     ``batch_documents`` overrides ``ingest.commit_documents`` (the API writes a request as one transaction);
     ``checkpoint=False`` leaves the FAISS file to a later checkpoint (SQLite already holds every vector).
@@ -160,38 +166,42 @@ def ingest_documents(
     report = IngestReport()
     started = time.perf_counter()
     encode_before = encoder.stats.seconds
-    chunker = Chunker(encoder.tokenizer, encoder.max_seq_length, settings.ingest.chunk_overlap, encoder.passage_prompt)
+    chunker = Chunker(
+        encoder.chunk_tokenizer, encoder.max_seq_length, settings.ingest.chunk_overlap, encoder.passage_prompt
+    )
     progress = _progress(total, quiet)
-    for batch in _batched(documents, batch_documents or settings.ingest.commit_documents):
-        states = collection.document_states([d.id for d in batch])
-        to_encode: list[Document] = []
-        metadata_only: list[Document] = []
-        for doc in batch:
-            same_content, same_metadata = Collection.is_unchanged(doc, states.get(doc.id))
-            if not same_content:
-                to_encode.append(doc)
-                if doc.id in states:
-                    report.documents_replaced += 1
-                else:
-                    report.documents_added += 1
-            elif not same_metadata:
-                metadata_only.append(doc)
-            else:
-                report.documents_unchanged += 1
-        passages: list[Passage] = []
-        texts: list[str] = []
-        for doc in to_encode:
-            for passage in chunker.split(doc):
-                passages.append(passage)
-                texts.append(text_to_encode(doc.title, passage.text))
-        if to_encode or metadata_only:
-            vectors = encoder.encode_passages(texts)
-            result = collection.write(to_encode + metadata_only, passages, vectors)
+
+    def commit(batch: _Prepared) -> None:
+        if batch.encoding is not None:
+            result = collection.write(batch.to_encode + batch.metadata_only, batch.passages, batch.encoding.result())
             report.passages_written += result.passages_added
             report.passages_removed += result.passages_removed
-        report.metadata_updated += len(metadata_only)
-        report.documents_seen += len(batch)
-        progress(len(batch), report)
+        report.metadata_updated += len(batch.metadata_only)
+        report.documents_seen += len(batch.documents)
+        progress(len(batch.documents), report)
+
+    in_flight: _Prepared | None = None
+
+    def flush() -> None:
+        nonlocal in_flight
+        batch, in_flight = in_flight, None
+        if batch is not None:
+            commit(batch)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ingest-encode") as encoding:
+        try:
+            for documents_batch in _batched(documents, batch_documents or settings.ingest.commit_documents):
+                if in_flight is not None and not in_flight.ids.isdisjoint(d.id for d in documents_batch):
+                    flush()
+                batch = _prepare(documents_batch, collection, chunker, report)
+                if batch.to_encode or batch.metadata_only:
+                    batch.encoding = encoding.submit(encoder.encode_passages, batch.texts)
+                flush()
+                in_flight = batch
+        except BaseException:
+            flush()  # reading or preparing a batch failed: the batch before it still commits, as it would have
+            raise
+        flush()
     if checkpoint:
         collection.checkpoint()
     progress(0, report, done=True)
@@ -199,6 +209,49 @@ def ingest_documents(
     report.encode_seconds = encoder.stats.seconds - encode_before
     report.collection = {"documents": collection.count_documents(), "passages": collection.count_passages()}
     return report
+
+
+@dataclass
+class _Prepared:
+    """One commit batch, classified and chunked; ``encoding`` is its passage vectors, being computed."""
+
+    documents: list[Document]
+    to_encode: list[Document]
+    metadata_only: list[Document]
+    passages: list[Passage]
+    texts: list[str]
+    encoding: Future | None = None
+
+    @property
+    def ids(self) -> set[str]:
+        return {d.id for d in self.documents}
+
+
+def _prepare(batch: list[Document], collection, chunker: Chunker, report: IngestReport) -> _Prepared:
+    """Classify ``batch`` against the stored content hashes (new, changed, metadata-only, unchanged) and chunk
+    what has to be encoded."""
+    states = collection.document_states([d.id for d in batch])
+    to_encode: list[Document] = []
+    metadata_only: list[Document] = []
+    for doc in batch:
+        same_content, same_metadata = Collection.is_unchanged(doc, states.get(doc.id))
+        if not same_content:
+            to_encode.append(doc)
+            if doc.id in states:
+                report.documents_replaced += 1
+            else:
+                report.documents_added += 1
+        elif not same_metadata:
+            metadata_only.append(doc)
+        else:
+            report.documents_unchanged += 1
+    passages: list[Passage] = []
+    texts: list[str] = []
+    for doc in to_encode:
+        for passage in chunker.split(doc):
+            passages.append(passage)
+            texts.append(text_to_encode(doc.title, passage.text))
+    return _Prepared(batch, to_encode, metadata_only, passages, texts)
 
 
 def ingest_paths(

@@ -208,3 +208,22 @@ def test_cli_ingest_search_info_round_trip(tmp_path):
     assert hits[0]["id"] == "<dbpedia:Oceanic_Airlines>" and hits[0]["title"] == "Oceanic Airlines"
     info = json.loads(runner.invoke(main, ["info", "--data-dir", str(data_dir)]).output)
     assert info[0]["documents"] == 60 and info[0]["model"] == "minilm" and info[0]["dim"] == 384
+
+
+def test_pipelined_batches_commit_in_order_and_see_the_batch_before(fresh, minilm, settings):
+    """Batch k+1 is classified and chunked while batch k encodes; a document repeated across them is still
+    classified against what batch k wrote, and the later version wins."""
+    records = [
+        {"_id": "a", "text": "The first version of document a, about rivers."},
+        {"_id": "b", "text": "Document b is about mountains."},
+        {"_id": "a", "text": "The second version of document a, about deserts."},
+        {"_id": "c", "text": "Document c is about oceans."},
+        {"_id": "b", "text": "Document b is about mountains."},  # unchanged against batch 1's commit
+        {"_id": "d", "text": "Document d is about forests."},
+    ]
+    report = ingest_documents(fresh, minilm, [_doc(r) for r in records], settings, batch_documents=2)
+    assert (report.documents_added, report.documents_replaced, report.documents_unchanged) == (4, 1, 1)
+    assert fresh.count_documents() == 4
+    assert fresh.index_size == fresh.count_passages() == 4
+    top = fresh.search(minilm.encode_queries(["deserts"]), 1)[0][0]
+    assert (top.document_id, top.text) == ("a", records[2]["text"])
