@@ -31,14 +31,34 @@ class Chunker:
     def _budget(self, title: str | None) -> int:
         if not title:
             return self.window
-        title_tokens = len(self.tokenizer(title + " ", add_special_tokens=False)["input_ids"])
+        return self._budget_for(len(self.tokenizer(title + " ", add_special_tokens=False)["input_ids"]))
+
+    def _budget_for(self, title_tokens: int) -> int:
         return max(int(self.window * MIN_BUDGET_FRACTION), self.window - title_tokens)
 
     def split(self, doc: Document) -> list[Passage]:
         """The passages of ``doc``: one when it fits, else overlapping windows on token boundaries."""
-        budget = self._budget(doc.title)
         encoding = self.tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = [o for o in encoding["offset_mapping"] if o[1] > o[0]]
+        return self._windows(doc, encoding["offset_mapping"], self._budget(doc.title))
+
+    def split_many(self, docs: list[Document]) -> list[list[Passage]]:
+        """:meth:`split` of each document, their texts (and titles) tokenised in one batch call: the fast
+        tokenizer encodes a batch in Rust without a Python round trip per document (msmarco ingest: 0.45 s of
+        tokenizer calls per 1,500 documents one by one)."""
+        if not docs:
+            return []
+        offsets = self.tokenizer([d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+        titled = [d.title + " " for d in docs if d.title]
+        title_ids = iter(self.tokenizer(titled, add_special_tokens=False)["input_ids"] if titled else [])
+        return [
+            self._windows(doc, doc_offsets, self._budget_for(len(next(title_ids))) if doc.title else self.window)
+            for doc, doc_offsets in zip(docs, offsets)
+        ]
+
+    def _windows(self, doc: Document, offset_mapping, budget: int) -> list[Passage]:
+        offsets = [o for o in offset_mapping if o[1] > o[0]]
         if len(offsets) <= budget:
             return [Passage(doc.id, 0, doc.text, 0, len(doc.text))]
         passages = []

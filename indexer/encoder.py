@@ -15,6 +15,7 @@ import copy
 import functools
 import gc
 import hashlib
+import importlib.util
 import logging
 import os
 import threading
@@ -55,14 +56,30 @@ def configure_search_threads(settings: Settings) -> int:
     return threads
 
 
-def backend_for_precision(precision: str, settings: Settings) -> str:
+def resolve_backend(settings: Settings, profile: ModelProfile) -> str:
+    """The configured backend, with ``auto`` made concrete for ``profile``.
+
+    ``auto`` is ``onnx-int8`` on the CPU for a model whose int8 passage vectors were measured within the quality
+    bound (``ModelProfile.int8_validated``: the embedded MiniLM) when ONNX Runtime is installed; otherwise
+    ``torch`` (CUDA, and the Stella models, whose weights are not here to validate int8 on).
+    """
+    backend = settings.encoder.backend
+    if backend != "auto":
+        return backend
+    if not profile.int8_validated or resolve_device(settings.processing.device) != "cpu":
+        return "torch"
+    return "onnx-int8" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
+def backend_for_precision(precision: str, settings: Settings, profile: ModelProfile) -> str:
     """The backend that writes passage vectors of ``precision`` (a collection's), given the configured one.
 
     A collection's passages keep the precision it was created with: an fp32 collection gets fp32 ONNX where
-    ``onnx-int8`` is configured, an int8 one gets ``onnx-int8`` on the CPU. On CUDA, where there is no int8
-    path, an int8 collection is written in fp32, which its queries (always fp32) match the better.
+    ``onnx-int8`` is configured (or ``auto`` picks it), an int8 one gets ``onnx-int8`` on the CPU. On CUDA,
+    where there is no int8 path, an int8 collection is written in fp32, which its queries (always fp32) match
+    the better.
     """
-    backend = settings.encoder.backend
+    backend = resolve_backend(settings, profile)
     if precision == "fp32" and backend == "onnx-int8":
         return "onnx"
     if precision != "fp32" and backend != "onnx-int8" and resolve_device(settings.processing.device) == "cpu":
@@ -141,6 +158,9 @@ class Encoder:
 
         settings = settings or Settings()
         profile = resolve_profile(model or settings.encoder.model)
+        if settings.encoder.backend == "auto":
+            settings = settings.model_copy(deep=True)
+            settings.encoder.backend = resolve_backend(settings, profile)
         folder = model_folder(profile)
         device = resolve_device(settings.processing.device)
         config_kwargs = dict(profile.cpu_config_kwargs) if not _xformers_on(device) else {}

@@ -93,7 +93,7 @@ class OnnxForward:
             import onnxruntime as ort
         except ImportError as exc:
             raise ModelUnavailableError(
-                "encoder.backend 'onnx' needs onnxruntime: pip install 'stella-search[onnx]'"
+                "encoder.backend 'onnx' needs onnxruntime: pip install onnxruntime onnx"
             ) from exc
         sample = st_model.preprocess(["a short sample", "a somewhat longer sample sentence to trace"])
         names = tuple(name for name in INPUTS if name in sample)

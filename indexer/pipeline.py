@@ -21,6 +21,7 @@ from pathlib import Path
 
 from indexer.chunking import Chunker, text_to_encode
 from indexer.encoder import Encoder, backend_for_precision
+from indexer.models import resolve_profile
 from indexer.settings import Settings
 from indexer.sources import check_sources, read_documents
 from storage.collection import Collection, Document, Manifest, Passage, collection_dir
@@ -61,7 +62,8 @@ def encoder_for_manifest(
     encoder_settings.encoder.prompt_type = manifest.prompt_type
     encoder_settings.encoder.max_length = manifest.max_length
     encoder_settings.encoder.normalize_embeddings = manifest.normalized
-    encoder_settings.encoder.backend = backend_for_precision(manifest.precision, settings)
+    profile = resolve_profile(model or manifest.model)
+    encoder_settings.encoder.backend = backend_for_precision(manifest.precision, settings, profile)
     encoder = Encoder.load(model or manifest.model, encoder_settings, dim=manifest.dim)
     if not manifest.vectors_compatible_with(encoder.manifest()):
         raise ModelMismatchError(
@@ -247,8 +249,8 @@ def _prepare(batch: list[Document], collection, chunker: Chunker, report: Ingest
             report.documents_unchanged += 1
     passages: list[Passage] = []
     texts: list[str] = []
-    for doc in to_encode:
-        for passage in chunker.split(doc):
+    for doc, doc_passages in zip(to_encode, chunker.split_many(to_encode)):
+        for passage in doc_passages:
             passages.append(passage)
             texts.append(text_to_encode(doc.title, passage.text))
     return _Prepared(batch, to_encode, metadata_only, passages, texts)

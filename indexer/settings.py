@@ -51,10 +51,11 @@ class EncoderSettings(_Section):
     )
     normalize_embeddings: bool = True
     prompt_type: Literal["s2p", "s2s"] = "s2p"
-    backend: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch",
-        description="onnx: ONNX Runtime on the CPU, exported locally from the model (same vectors); "
-        "onnx-int8: that export with int8 weights (vectors within cosine 0.99 of fp32)",
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto",
+        description="auto: onnx-int8 on the CPU for models whose int8 quality was validated (the embedded MiniLM), "
+        "else torch; onnx: ONNX Runtime on the CPU, exported locally from the model (same vectors); "
+        "onnx-int8: that export with int8 weights for passages (vectors within cosine 0.99 of fp32)",
     )
     onnx_dir: Path = Field(Path(".stella-cache/onnx"), description="where ONNX exports are cached")
     max_batch_tokens: int = Field(

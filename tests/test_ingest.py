@@ -227,3 +227,13 @@ def test_pipelined_batches_commit_in_order_and_see_the_batch_before(fresh, minil
     assert fresh.index_size == fresh.count_passages() == 4
     top = fresh.search(minilm.encode_queries(["deserts"]), 1)[0][0]
     assert (top.document_id, top.text) == ("a", records[2]["text"])
+
+
+def test_split_many_equals_splitting_one_by_one(minilm, settings):
+    """The batch tokenisation the ingest uses cuts exactly the passages per-document splitting cuts."""
+    docs = [_doc(r) for r in read_jsonl(SHARED_DATA / "scifact" / "corpus.jsonl", limit=60)]
+    docs += [Document("untitled", None, docs[0].text), Document("long-title", "word " * 400, docs[1].text)]
+    chunker = Chunker(minilm.chunk_tokenizer, minilm.max_seq_length, settings.ingest.chunk_overlap)
+    many = chunker.split_many(docs)
+    assert many == [chunker.split(d) for d in docs]
+    assert sum(len(p) > 1 for p in many) >= 5  # long abstracts really are cut into windows

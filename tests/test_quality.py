@@ -64,7 +64,20 @@ def test_eval_matches_plain_sentence_transformers_and_exact_faiss(tmp_path, name
     dataset = slice_dataset(name, tmp_path / name)
     data_dir = tmp_path / "data"
     result = CliRunner().invoke(
-        main, ["eval", str(tmp_path / name), "--model", "minilm", "--data-dir", str(data_dir), "--json"]
+        # fp32 (torch), as the reference: this checks the pipeline against plain sentence-transformers + exact
+        # FAISS, not int8 (whose quality scripts/quality_backends.py measures on the whole sets)
+        main,
+        [
+            "eval",
+            str(tmp_path / name),
+            "--model",
+            "minilm",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+            "--backend",
+            "torch",
+        ],
     )
     assert result.exit_code == 0, result.output
     ours = json.loads(result.output[result.output.index("{") :])
