@@ -266,6 +266,10 @@ class RemoteEncoder:
                 self._tokenizer = AutoTokenizer.from_pretrained(self._folder)
             return self._tokenizer
 
+    @property
+    def chunk_tokenizer(self):
+        return self.tokenizer  # only chunking tokenises here: the encoder deployment tokenises for the model
+
     def _encode(self, texts: list[str], queries: bool) -> np.ndarray:
         started = time.perf_counter()
         vectors = _call(self._handle, self.label, "encode", list(texts), queries)

@@ -102,9 +102,10 @@ def test_each_type_is_tuned_to_the_recall_target_and_records_it(built, passages)
         assert params["tuned_on"] == "held-out documents"
     elif "HNSW" in built.manifest.index_type:
         assert set(params["search"]) == {"efSearch"}
-    # passages the collection has never seen, as queries
+    # passages the collection has never seen, as queries: the tuning sample's 0.95 is an estimate, and another
+    # sample of 150 queries lands within its sampling error (one standard error is about 0.006)
     held_out = passages[1][STORED:]
-    assert recall_at_k(search_ids(built, held_out), exact_top10(built, held_out)) >= 0.95
+    assert recall_at_k(search_ids(built, held_out), exact_top10(built, held_out)) >= 0.94
 
 
 @pytest.mark.parametrize("built", TYPES, indirect=True)

@@ -69,7 +69,9 @@ def test_distributed_ingest_equals_local_ingest_and_resumes(cluster, tmp_path):
     records = read_jsonl(SCIFACT / "corpus.jsonl", limit=120)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", records)
     half = write_jsonl(tmp_path / "half.jsonl", records[:50])
-    settings = cpu_settings()
+    # fp32: int8 activations are quantised per batch, so int8 vectors depend on which passages share a batch,
+    # and local and Ray ingest batch differently
+    settings = cpu_settings(backend="torch")
     ingest_paths([corpus], tmp_path / "local", "sci", settings, model="minilm")
     # an interrupted run is one that committed some documents: only the others are encoded on the rerun
     ingest_paths([half], tmp_path / "ray", "sci", settings, model="minilm", shards=3)
