@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 GRAPH_VERSION = "g2"  # part of the cached file names: g2 = fused BERT attention (g1 was the plain trace)
 FUSABLE = {"bert"}  # model types whose trace ONNX Runtime's optimizer fuses (its "bert" patterns)
+# the FFN down projections of BERT and Qwen2/GTE layers: what the default int8 recipe keeps in fp32
+FFN_DOWN_MATMULS = (r"layer\.\d+/output/dense/MatMul$", r"/mlp/down_proj/MatMul$")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Int8Recipe:
     per_channel: bool = True
     reduce_range: bool = False
     weight_type: str = "QInt8"
-    keep_fp32: tuple[str, ...] = (r"layer\.\d+/output/dense/MatMul$", r"/mlp/down_proj/MatMul$")
+    keep_fp32: tuple[str, ...] = FFN_DOWN_MATMULS
     op_types: tuple[str, ...] = ("MatMul", "Attention")
 
     @property

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from indexer.onnx_backend import FFN_DOWN_MATMULS
 from storage.errors import InvalidInputError
 
 ENV_PREFIX = "STELLA_SEARCH_"
@@ -64,7 +65,7 @@ class EncoderSettings(_Section):
         description="onnx bulk encodes: length-sorted batches filled up to this many padded tokens (0: batch_size)",
     )
     int8_keep_fp32: list[str] = Field(
-        default_factory=lambda: [r"layer\.\d+/output/dense/MatMul$", r"/mlp/down_proj/MatMul$"],
+        default_factory=lambda: list(FFN_DOWN_MATMULS),
         description="onnx-int8: regular expressions naming the graph's MatMul nodes kept in fp32 (default: the FFN "
         "down projections of BERT and Qwen2/GTE layers); [] quantises every one",
     )

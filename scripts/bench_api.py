@@ -223,17 +223,18 @@ def start_server(data_dir: Path, microbatch: bool, backend: str) -> tuple[subpro
     return server, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(server: subprocess.Popen, url: str) -> None:
+def wait_ready(url: str, server: subprocess.Popen | None = None, seconds: float = 120) -> None:
+    """Until ``url``'s /health says ok; gives up after ``seconds`` or when the ``server`` process exits."""
     with httpx.Client(base_url=url, timeout=60) as http:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + seconds
         while True:
             try:
                 if http.get("/health").json()["status"] == "ok":
                     return
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError, KeyError):
                 pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not come up")
+            if time.monotonic() > deadline or (server is not None and server.poll() is not None):
+                raise SystemExit(f"{url} did not come up")
             time.sleep(0.2)
 
 
@@ -276,7 +277,7 @@ def measure_servers(tmp: Path, data_dir: Path, queries: list[str], args) -> dict
             shutil.copytree(data_dir, copy)
             running[name] = start_server(copy, microbatch, args.backend)
         for server, url in running.values():
-            wait_ready(server, url)
+            wait_ready(url, server)
         urls = {name: url for name, (_, url) in running.items()}
         singles = asyncio.run(single_queries(urls, queries, args.singles, args.k))
         rounds: dict[str, dict[int, list[dict]]] = {name: {} for name in modes}

@@ -23,24 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_api import free_port, load_level, load_queries, percentiles
+from bench_api import free_port, load_level, load_queries, percentiles, wait_ready
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def wait_healthy(url: str, seconds: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok":
-                return
-        except (httpx.TransportError, ValueError, KeyError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} did not become healthy")
 
 
 def single_queries(url: str, queries: list[str], collection: str, n: int) -> dict:
@@ -132,7 +118,7 @@ def main() -> None:
         )
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_healthy(url)
+            wait_ready(url, seconds=180)
             search["single_machine"] = {
                 "single_query": single_queries(url, queries, "docs3", args.singles),
                 "load": asyncio.run(load_level(url, queries, args.clients, args.seconds, 10, "docs3")),
@@ -143,7 +129,7 @@ def main() -> None:
         for replicas in (1, 2):
             serving.server.port = free_port()
             url = serve_on_ray(serving, "auto", shard_replicas=replicas, blocking=False)
-            wait_healthy(url)
+            wait_ready(url, seconds=180)
             search[f"ray_serve_{replicas}_replicas_per_shard"] = {
                 "single_query": single_queries(url, queries, "docs3", args.singles),
                 "load": asyncio.run(load_level(url, queries, args.clients, args.seconds, 10, "docs3")),

@@ -35,7 +35,10 @@ def bench_corpus(corpus: Path, limit: int | None, model: str, backends: list[str
     from indexer.sources import read_documents
     from storage.collection import Collection
 
-    settings = load_settings(cli={"encoder": {"model": model}, "processing": {"device": "cpu"}}, environ={})
+    # only its tokenizer chunks the corpus here: torch loads no ONNX session
+    settings = load_settings(
+        cli={"encoder": {"model": model, "backend": "torch"}, "processing": {"device": "cpu"}}, environ={}
+    )
     documents = list(read_documents(corpus))[:limit]
     encoder = Encoder.load(model, settings)
     chunker = Chunker(

@@ -24,8 +24,11 @@ from storage.errors import StellaSearchError
 
 log = logging.getLogger("stella_search")
 
-BACKENDS = click.Choice(["auto", "torch", "onnx", "onnx-int8"])
-BACKEND_HELP = "encoder runtime; auto (default): onnx-int8 for the embedded model on the CPU, else torch"
+BACKEND_OPTION = click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "onnx", "onnx-int8"]),
+    help="encoder runtime; auto (default): onnx-int8 for the embedded model on the CPU, else torch",
+)
 
 
 def _settings(config: str | None, **flags) -> Settings:
@@ -73,11 +76,7 @@ def _common(func):
         click.option("--dim", type=int, help="MRL embedding dimension (default: the model's default head)"),
         click.option("--batch-size", type=int, help="encoder batch size"),
         click.option("--device", help="auto, cpu, cuda, cuda:N"),
-        click.option(
-            "--backend",
-            type=BACKENDS,
-            help=BACKEND_HELP,
-        ),
+        BACKEND_OPTION,
     ]
     for option in reversed(options):
         func = option(func)
@@ -509,11 +508,7 @@ def info(data_dir, collection, config):
 @click.option("--port", type=int, help="port (default 8000)")
 @click.option("--model", help="model to load when the data dir has no collection yet")
 @click.option("--device", help="auto, cpu, cuda, cuda:N")
-@click.option(
-    "--backend",
-    type=BACKENDS,
-    help=BACKEND_HELP,
-)
+@BACKEND_OPTION
 @click.option("--ray", "ray_address", help="serve on Ray Serve: 'auto' (the running cluster) or its ADDRESS")
 @click.option("--shard-replicas", type=click.IntRange(1), help="with --ray: replicas per shard (default 1)")
 @click.option("--encoder-replicas", type=click.IntRange(1), help="with --ray: encoder replicas (default 1)")
