@@ -229,11 +229,24 @@ def test_pipelined_batches_commit_in_order_and_see_the_batch_before(fresh, minil
     assert (top.document_id, top.text) == ("a", records[2]["text"])
 
 
-def test_split_many_equals_splitting_one_by_one(minilm, settings):
-    """The batch tokenisation the ingest uses cuts exactly the passages per-document splitting cuts."""
+@pytest.mark.parametrize("model", ["minilm", "tiny-stella"])
+def test_chunking_in_rust_cuts_what_transformers_offsets_cut(model, minilm, tiny_stella, settings):
+    """The ingest's chunker asks the Rust tokenizer directly; it cuts exactly the passages that transformers'
+    offset mappings, document by document, cut (WordPiece for MiniLM, byte-level BPE for the Qwen2 tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = minilm.chunk_tokenizer if model == "minilm" else AutoTokenizer.from_pretrained(str(tiny_stella))
     docs = [_doc(r) for r in read_jsonl(SHARED_DATA / "scifact" / "corpus.jsonl", limit=60)]
-    docs += [Document("untitled", None, docs[0].text), Document("long-title", "word " * 400, docs[1].text)]
-    chunker = Chunker(minilm.chunk_tokenizer, minilm.max_seq_length, settings.ingest.chunk_overlap)
+    docs += [
+        Document("untitled", None, docs[0].text),
+        Document("long-title", "word " * 400, docs[1].text),
+        Document("unicode", "Ünïcödé", "Naïve café — 東京 " * 60),
+    ]
+    window = 128
+    chunker = Chunker(tokenizer, window, settings.ingest.chunk_overlap)
+    assert chunker._rust is not None
     many = chunker.split_many(docs)
-    assert many == [chunker.split(d) for d in docs]
+    reference = Chunker(tokenizer, window, settings.ingest.chunk_overlap)
+    reference._rust = None  # transformers' tokenizer call, offsets as Python lists
+    assert many == [reference.split(d) for d in docs]
     assert sum(len(p) > 1 for p in many) >= 5  # long abstracts really are cut into windows
