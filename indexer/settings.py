@@ -87,7 +87,7 @@ class EmbeddingSettings(_Section):
 
 class IngestSettings(_Section):
     chunk_overlap: int = Field(32, ge=0, description="tokens shared by consecutive passages of one document")
-    commit_documents: int = Field(256, ge=1, description="documents encoded and committed per transaction")
+    commit_documents: int = Field(1024, ge=1, description="documents encoded and committed per transaction")
 
 
 class ServerSettings(_Section):
