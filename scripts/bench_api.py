@@ -1,5 +1,6 @@
 """Query latency through HTTP against in-process encode+search, and requests/s at 1, 8 and 32 clients, for the
-server with query micro-batching and without it, both measured in the same run.
+server with query micro-batching and without it, both measured in the same run; with ``--seed-server``, also the
+seed's server (unbatched, torch fp32 query encoder) against the default server (micro-batched, default backend).
 
 Everything runs on loopback and stops by itself: two real `stella-search serve` processes on free 127.0.0.1
 ports (micro-batching on and off), a bounded number of single queries alternating between them, then for each
@@ -7,6 +8,7 @@ concurrency level a few short rounds per server, taking turns. The load generato
 client sharing the machine with the servers (2 cores here), which the JSON records.
 
     python scripts/bench_api.py --docs 2000 --seconds 5 --rounds 4 --out scripts/results/bench_api.json
+    python scripts/bench_api.py --backend auto --seed-server --out scripts/results/bench_api_default.json
 """
 
 from __future__ import annotations
@@ -138,6 +140,11 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--backend", default="torch", help="the query encoder of both servers")
+    parser.add_argument(
+        "--seed-server",
+        action="store_true",
+        help="a third server, the seed's: unbatched with the torch encoder (the baseline of the default server)",
+    )
     parser.add_argument("--out", type=Path, default=Path("scripts/results/bench_api.json"))
     args = parser.parse_args()
 
@@ -153,10 +160,14 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
-        encoder = Encoder.load("minilm", settings)
+        # fp32 passages (torch writes them), so that every server's --backend is what encodes its queries: on an
+        # int8 collection a torch server would encode with onnx-int8's session (queries are fp32 either way)
+        fp32 = settings.model_copy(deep=True)
+        fp32.encoder.backend = "torch"
+        encoder = Encoder.load("minilm", fp32)
         collection = Collection.create(data_dir / "default", encoder.manifest())
         documents = list(read_documents(SHARED / "msmarco" / "corpus.jsonl"))[: args.docs]
-        ingest_documents(collection, encoder, documents, settings, quiet=True)
+        ingest_documents(collection, encoder, documents, fp32, quiet=True)
         encoder = encoder_for_collection(collection, settings)
         configure_search_threads(settings)  # as the server does
 
@@ -173,7 +184,6 @@ def main() -> None:
 
     single_local = percentiles(in_process)
     unbatched, batched = servers["unbatched"], servers["microbatched"]
-    unbatched_rps = {level["clients"]: level["requests_per_s"] for level in unbatched["concurrency"]}
     result = {
         "benchmark": "api",
         "model": "minilm",
@@ -191,19 +201,30 @@ def main() -> None:
         "in_process_encode_plus_search": single_local,
         **servers,
         "ratios": {
-            "microbatched_vs_unbatched_requests_per_s": {
-                str(level["clients"]): round(level["requests_per_s"] / unbatched_rps[level["clients"]], 2)
-                for level in batched["concurrency"]
-            },
-            "single_client_p50_microbatched_vs_unbatched": round(
-                batched["single_query"]["p50_ms"] / unbatched["single_query"]["p50_ms"], 3
-            ),
+            "microbatched_vs_unbatched_requests_per_s": rps_ratios(batched, unbatched),
+            "single_client_p50_microbatched_vs_unbatched": p50_ratio(batched, unbatched),
             "http_p50_vs_in_process_p50": round(batched["single_query"]["p50_ms"] / single_local["p50_ms"], 2),
         },
     }
+    if "seed" in servers:
+        result["ratios"]["microbatched_vs_seed_requests_per_s"] = rps_ratios(batched, servers["seed"])
+        result["ratios"]["single_client_p50_microbatched_vs_seed"] = p50_ratio(batched, servers["seed"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def rps_ratios(server: dict, baseline: dict) -> dict[str, float]:
+    """requests/s of ``server`` over ``baseline``'s, per concurrency level."""
+    base = {level["clients"]: level["requests_per_s"] for level in baseline["concurrency"]}
+    return {
+        str(level["clients"]): round(level["requests_per_s"] / base[level["clients"]], 2)
+        for level in server["concurrency"]
+    }
+
+
+def p50_ratio(server: dict, baseline: dict) -> float:
+    return round(server["single_query"]["p50_ms"] / baseline["single_query"]["p50_ms"], 3)
 
 
 def start_server(data_dir: Path, microbatch: bool, backend: str) -> tuple[subprocess.Popen, str]:
@@ -267,15 +288,18 @@ async def single_queries(
 
 
 def measure_servers(tmp: Path, data_dir: Path, queries: list[str], args) -> dict:
-    """Start `stella-search serve` with and without micro-batching (each on its own copy of the collection),
-    then single queries and each concurrency level, taking turns."""
-    modes = {"unbatched": False, "microbatched": True}
+    """Start `stella-search serve` with and without micro-batching (each on its own copy of the collection; and
+    the seed's server, unbatched with torch, when asked), then single queries and each concurrency level, taking
+    turns."""
+    modes = {"unbatched": (False, args.backend), "microbatched": (True, args.backend)}
+    if args.seed_server:
+        modes["seed"] = (False, "torch")
     running = {}
     try:
-        for name, microbatch in modes.items():
+        for name, (microbatch, backend) in modes.items():
             copy = tmp / name
             shutil.copytree(data_dir, copy)
-            running[name] = start_server(copy, microbatch, args.backend)
+            running[name] = start_server(copy, microbatch, backend)
         for server, url in running.values():
             wait_ready(url, server)
         urls = {name: url for name, (_, url) in running.items()}
@@ -294,10 +318,11 @@ def measure_servers(tmp: Path, data_dir: Path, queries: list[str], args) -> dict
     return {
         name: {
             "microbatch": microbatch,
+            "backend": backend,
             "single_query": percentiles(singles[name]),
             "concurrency": [combine(levels) for levels in rounds[name].values()],
         }
-        for name, microbatch in modes.items()
+        for name, (microbatch, backend) in modes.items()
     }
 
 
