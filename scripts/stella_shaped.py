@@ -40,6 +40,34 @@ _CORPUS = [
 ]
 
 
+# Stella v5 1.5B runs gte-Qwen2's own modeling code (trust_remote_code): a Qwen2 whose attention is
+# bidirectional. The shaped folder carries the same kind of code, so that loading it goes through
+# trust_remote_code and every token attends to the whole passage, as in Stella.
+MODELING = '''"""Bidirectional Qwen2, as Stella v5 1.5B (gte-Qwen2 code) uses it: no causal mask, padding masked."""
+
+from transformers import Qwen2Model
+from transformers.masking_utils import create_bidirectional_mask
+
+
+class BidirectionalQwen2Model(Qwen2Model):
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.layers:
+            layer.self_attn.is_causal = False
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if not isinstance(attention_mask, dict):
+            attention_mask = {
+                "full_attention": create_bidirectional_mask(
+                    config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+                )
+            }
+        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+'''
+
+
 def _tokenizer(out: Path, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -96,6 +124,10 @@ def build_stella_shaped(
         eos_token_id=tokenizer.eos_token_id,
     )
     Qwen2Model(config).save_pretrained(out)
+    (out / "modeling_stella_shaped.py").write_text(MODELING)
+    saved = json.loads((out / "config.json").read_text())
+    saved["auto_map"] = {"AutoModel": "modeling_stella_shaped.BidirectionalQwen2Model"}
+    (out / "config.json").write_text(json.dumps(saved, indent=2))
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
     (out / "1_Pooling").mkdir(exist_ok=True)
     (out / "1_Pooling" / "config.json").write_text(

@@ -19,9 +19,10 @@ from stella_shaped import S2P_QUERY, S2S_QUERY
 
 
 def reference(folder, text: str, head: int, keep: int | None = None) -> np.ndarray:
-    """mean-pool(Qwen2(text)) -> 2_Dense_{head} -> [:keep] -> L2-normalise, without sentence-transformers."""
+    """mean-pool(Qwen2(text)) -> 2_Dense_{head} -> [:keep] -> L2-normalise, without sentence-transformers (the
+    folder's own bidirectional Qwen2 code, as Stella's is loaded: trust_remote_code)."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).eval()
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     batch = tokenizer([text], return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
@@ -41,6 +42,27 @@ def load(folder, dim=None, **encoder):
 def test_the_folder_looks_like_stella(tiny_stella):
     assert available_heads(tiny_stella) == {256: "2_Dense_256", 768: "2_Dense_768", 1024: "2_Dense_1024"}
     assert default_head(tiny_stella) == "2_Dense_1024"
+
+
+def test_the_encoder_attends_both_ways_as_stella_does(tiny_stella):
+    """Stella 1.5B's own code (loaded with trust_remote_code) makes Qwen2's attention bidirectional; so does the
+    shaped folder's: the first token's state depends on a later token, and padding changes nothing."""
+    encoder = load(tiny_stella)
+    model = encoder.model[0].auto_model
+    assert type(model).__name__ == "BidirectionalQwen2Model"
+    tokenizer = encoder.tokenizer
+    texts = ["Vector search finds the nearest passages", "Vector search finds the nearest FAISS"]
+    pair = tokenizer(texts, padding=True)
+    pair = {k: torch.tensor(v) for k, v in pair.items()}
+    with torch.no_grad():
+        hidden = model(**pair).last_hidden_state
+    assert (hidden[0, 0] - hidden[1, 0]).abs().max() > 1e-3  # a causal model would give the same first token
+    short = "Vector search"
+    padded = tokenizer([short, "Vector search finds the passages nearest to a query embedding."], padding=True)
+    with torch.no_grad():
+        alone = model(**tokenizer([short], return_tensors="pt")).last_hidden_state[0]
+        batch = model(**{k: torch.tensor(v) for k, v in padded.items()}).last_hidden_state[0, : len(alone)]
+    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dim", [256, 768, 1024])
