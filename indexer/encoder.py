@@ -106,6 +106,12 @@ class EncodeStats:
     batches: int = 0
     seconds: float = 0.0
     oom_backoffs: int = 0
+    tokens: int = 0  # real tokens the model ran on
+    padded_tokens: int = 0  # tokens it computed, padding included
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
 class Encoder:
@@ -298,8 +304,9 @@ class Encoder:
     def _encode_uncached(self, texts: list[str], prompt: str | None, bulk: bool) -> np.ndarray:
         started = time.perf_counter()
         out = np.empty((len(texts), self.dim), dtype="float32")
-        if bulk and self._onnx is not None and self.settings.encoder.max_batch_tokens:
-            self._encode_by_token_budget(texts, prompt, out)
+        budget = self._token_budget() if bulk else 0
+        if budget:
+            self._encode_by_token_budget(texts, prompt, out, budget)
         else:
             self._encode_by_batch_size(texts, prompt, bulk, out)
         self.stats.texts += len(texts)
@@ -328,20 +335,37 @@ class Encoder:
             start += len(idx)
             self._batch_done(bulk)
 
-    def _encode_by_token_budget(self, texts: list[str], prompt: str | None, out: np.ndarray) -> None:
-        """Length-sorted batches of at most ``encoder.max_batch_tokens`` padded tokens, for ONNX Runtime.
+    def _token_budget(self) -> int:
+        """Padded tokens per bulk batch, 0 for fixed batches of ``batch_size`` (torch on the CPU, the seed's way).
+
+        ONNX Runtime: ``encoder.max_batch_tokens``. CUDA: ``batch_size`` texts of the full window, the memory a
+        fixed batch of the longest texts takes, so that batches of short passages hold many more of them.
+        """
+        if self._onnx is not None:
+            return self.settings.encoder.max_batch_tokens
+        if self.device.startswith("cuda"):
+            return self.settings.encoder.batch_size * self.max_seq_length
+        return 0
+
+    def _encode_by_token_budget(self, texts: list[str], prompt: str | None, out: np.ndarray, budget: int) -> None:
+        """Length-sorted batches of at most ``budget`` padded tokens (ONNX Runtime, CUDA).
 
         Short passages then run in large batches and long ones in small, so little of each batch is padding;
         the order of ``out`` is the order of ``texts``. Each window of texts is tokenised once, padded to its
-        longest, and each batch is cut from it at its own longest length.
+        longest, and each batch is cut from it at its own longest length. On CUDA out-of-memory the budget
+        halves and the window's remaining texts are cut again.
         """
+        import torch
+
+        left = self.tokenizer.padding_side == "left"
         for first in range(0, len(texts), TOKENISE_WINDOW):
             window = texts[first : first + TOKENISE_WINDOW]
             features = self.model.preprocess(window, prompt=prompt)
             mask = features["attention_mask"]
             lengths = mask.sum(dim=1).numpy()
-            left = self.tokenizer.padding_side == "left"
-            for idx in self._budget_batches(lengths):
+            pending = self._budget_batches(lengths, budget)
+            while pending:
+                idx = pending[0]
                 width = int(lengths[idx].max())
                 columns = slice(mask.shape[1] - width, None) if left else slice(0, width)
                 batch = {
@@ -349,7 +373,20 @@ class Encoder:
                     for name, value in features.items()
                     if getattr(value, "ndim", 0) == 2 and value.shape[0] == len(window)
                 }
-                out[first + idx] = self._embed(batch, bulk=True)
+                try:
+                    out[first + idx] = self._embed(batch, bulk=True)
+                except torch.cuda.OutOfMemoryError:
+                    if len(idx) == 1:
+                        raise
+                    del batch
+                    budget //= 2
+                    self.stats.oom_backoffs += 1
+                    torch.cuda.empty_cache()
+                    log.warning("CUDA out of memory: retrying with batches of at most %d tokens", budget)
+                    rest = np.concatenate(pending)
+                    pending = [rest[b] for b in self._budget_batches(lengths[rest], budget)]
+                    continue
+                pending.pop(0)
                 self._batch_done(bulk=True)
 
     def token_budget_batches(self, texts: list[str], prompt: str | None = None) -> list[np.ndarray]:
@@ -361,8 +398,8 @@ class Encoder:
         """
         return self._budget_batches(np.array(self._token_lengths(texts, prompt)))
 
-    def _budget_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
-        budget = self.settings.encoder.max_batch_tokens
+    def _budget_batches(self, lengths: np.ndarray, budget: int | None = None) -> list[np.ndarray]:
+        budget = budget or self.settings.encoder.max_batch_tokens
         order = np.argsort(-lengths, kind="stable")
         batches = []
         start = 0
@@ -399,6 +436,10 @@ class Encoder:
         import torch
         from sentence_transformers.util import batch_to_device
 
+        mask = features.get("attention_mask")
+        if mask is not None:  # counted on the host, before the batch moves to the device
+            self.stats.tokens += int(mask.sum())
+            self.stats.padded_tokens += mask.numel()
         if self._onnx is not None:
             forward = self._onnx_bulk if bulk else self._onnx
             with self._forward_lock:

@@ -62,7 +62,8 @@ class EncoderSettings(_Section):
     max_batch_tokens: int = Field(
         4096,
         ge=0,
-        description="onnx bulk encodes: length-sorted batches filled up to this many padded tokens (0: batch_size)",
+        description="onnx bulk encodes: length-sorted batches filled up to this many padded tokens (0: batch_size); "
+        "on CUDA the budget is batch_size x the model's max length",
     )
     int8_keep_fp32: list[str] = Field(
         default_factory=lambda: list(FFN_DOWN_MATMULS),

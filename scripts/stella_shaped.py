@@ -68,7 +68,7 @@ class BidirectionalQwen2Model(Qwen2Model):
 '''
 
 
-def _tokenizer(out: Path, vocab_size: int):
+def _tokenizer(out: Path, vocab_size: int, texts: list[str] | None = None, vocab: int = 2000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,11 +77,11 @@ def _tokenizer(out: Path, vocab_size: int):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 2000),
+        vocab_size=min(vocab_size, vocab),
         special_tokens=[eos],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(_CORPUS * 20, trainer)
+    tokenizer.train_from_iterator(texts or _CORPUS * 20, trainer)
     # like gte-Qwen2, which Stella 1.5B derives from: an end-of-text token closes every input
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {eos}", special_tokens=[(eos, tokenizer.token_to_id(eos))]
@@ -102,15 +102,22 @@ def build_stella_shaped(
     head_dims: tuple[int, ...] = (256, 768, 1024),
     default_dim: int = 1024,
     seed: int = 0,
+    tokenizer_texts: list[str] | None = None,
+    tokenizer_vocab: int = 2000,
 ) -> Path:
-    """Write a Stella-v5-shaped sentence-transformers folder with random weights to ``out``."""
+    """Write a Stella-v5-shaped sentence-transformers folder with random weights to ``out``.
+
+    The byte-level BPE tokenizer is trained on ``tokenizer_texts`` (default: a few sentences) up to
+    ``tokenizer_vocab`` tokens: trained on real corpora with a vocabulary in the tens of thousands, it cuts
+    English about as finely as Stella's Qwen2 tokenizer (151k tokens), so real length distributions hold.
+    """
     import torch
     from sentence_transformers.sentence_transformer.modules import Dense
     from transformers import Qwen2Config, Qwen2Model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(out, vocab_size)
+    tokenizer = _tokenizer(out, vocab_size, tokenizer_texts, tokenizer_vocab)
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=max(vocab_size, len(tokenizer)),

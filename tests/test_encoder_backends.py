@@ -59,6 +59,19 @@ def test_token_budget_batching_keeps_the_order_and_the_vectors(onnx_dir):
     np.testing.assert_allclose(batched, torch_vectors, atol=1e-5)
 
 
+def test_the_encoder_counts_real_and_padded_tokens(onnx_dir):
+    """``stats.tokens`` / ``padded_tokens``: what the padding figures of the benchmarks are made of. Fixed batches
+    pad every text to the batch's longest; token-budget batches, sorted by length, pad less."""
+    lengths = [len(ids) for ids in Encoder.load("minilm", cpu_settings()).tokenizer(TEXTS)["input_ids"]]
+    fixed = Encoder.load("minilm", cpu_settings(backend="torch", batch_size=len(TEXTS)))
+    fixed.encode_passages(TEXTS)
+    assert (fixed.stats.tokens, fixed.stats.padded_tokens) == (sum(lengths), len(TEXTS) * max(lengths))
+    budget = Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx", max_batch_tokens=64))
+    budget.encode_passages(TEXTS)
+    assert budget.stats.tokens == sum(lengths)
+    assert budget.stats.padding_fraction < fixed.stats.padding_fraction
+
+
 def test_int8_passage_vectors_stay_close_to_fp32_and_queries_stay_fp32(onnx_dir, passages):
     fp32 = Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx"))
     int8 = Encoder.load("minilm", onnx_settings(onnx_dir, backend="onnx-int8"))

@@ -1,0 +1,253 @@
+"""GPU ingest: the project's encoder path against the seed baseline on a Stella-shaped random-weight model, both
+measured in the same run, written as JSON (item 2 of the performance issue).
+
+The model is built here by ``stella_shaped.py`` (Qwen2 with bidirectional attention loaded through
+trust_remote_code, mean pooling, ``2_Dense_*`` heads; ``--shape 1.5b`` is stella_en_1.5B_v5's shape) with a
+byte-level BPE tokenizer trained on the corpora, so that real text is cut about as finely as Stella's tokenizer
+cuts it. On the same texts:
+
+- **512-token inputs**: the seed baseline (``SentenceTransformer`` in fp32, ``encode(batch_size=16,
+  normalize_embeddings=True)``) and the project's ``Encoder.encode_passages`` at each ``--batch-sizes`` (bf16 on
+  CUDA, length-sorted batches, pooling, head, normalisation, copy to host): texts/s, tokens/s and MFU (linear and
+  attention FLOPs of the bidirectional forward plus the head, against ``--peak-tflops``).
+- **Real length distributions**: the passages the project's chunker cuts from each corpus: texts/s against the
+  baseline, and the share of computed tokens that were padding (``Encoder.stats``). On CUDA the encoder cuts
+  length-sorted batches of up to ``batch_size`` x 512 padded tokens, so ``--batch-sizes`` sets that budget.
+- **A forced CUDA out-of-memory**: one encode call at ``--oom-batch`` texts of 512 tokens per batch; the batch
+  must back off (``stats.oom_backoffs``) and the call complete with every vector.
+
+    python scripts/bench_gpu.py --out scripts/results/bench_gpu.json                      # on the GPU machine
+    python scripts/bench_gpu.py --shape tiny --device cpu --fixed-texts 32 --limit 64 --out /tmp/gpu-smoke.json
+
+On the CPU (the smoke run) MFU and the out-of-memory step are left out: they mean nothing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def forward_flops_per_token(config, seq_len: int, head_dim_out: int) -> float:
+    """FLOPs per token of one bidirectional Qwen2 forward at ``seq_len`` plus the Dense head (multiply-add = 2)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    projections = hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * inter  # q, o; k, v; gate, up, down
+    attention = 2 * seq_len * config.num_attention_heads * head_dim  # q.k over every key, then p.v
+    return 2 * config.num_hidden_layers * (projections + attention) + 2 * hidden * head_dim_out
+
+
+def corpus_texts(paths: list[Path], limit: int | None) -> list[tuple[str, list]]:
+    from indexer.sources import read_documents
+
+    return [(path.parent.name, list(read_documents(path))[:limit]) for path in paths]
+
+
+def fixed_length_texts(vocabulary: list[str], n: int, words: int = 900) -> list[str]:
+    """``n`` texts of real words, each long enough to fill the 512-token window (the tokenizer truncates)."""
+    import random
+
+    rng = random.Random(0)
+    return [" ".join(rng.choice(vocabulary) for _ in range(words)) for _ in range(n)]
+
+
+def timed(fn, device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["1.5b", "tiny"], default="1.5b")
+    parser.add_argument("--model-dir", type=Path, help="an already built shaped folder (skips building)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--corpora",
+        type=Path,
+        nargs="+",
+        default=[SHARED / "msmarco" / "corpus.jsonl", SHARED / "scifact" / "corpus.jsonl"],
+    )
+    parser.add_argument("--limit", type=int, default=2000, help="documents per corpus")
+    parser.add_argument("--fixed-texts", type=int, default=256, help="512-token texts")
+    parser.add_argument("--batch-sizes", default="16,64,128", help="the project encoder's batch sizes to measure")
+    parser.add_argument("--oom-batch", type=int, default=8192, help="texts per batch that must not fit")
+    parser.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 dense matrix rate of the GPU")
+    parser.add_argument("--tokenizer-vocab", type=int, default=32000)
+    parser.add_argument("--out", type=Path, default=Path("scripts/results/bench_gpu.json"))
+    args = parser.parse_args()
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from indexer.chunking import Chunker, text_to_encode
+    from indexer.encoder import Encoder
+    from indexer.settings import load_settings
+
+    from stella_shaped import FULL_1_5B, build_stella_shaped
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    corpora = corpus_texts(args.corpora, args.limit)
+    all_text = [d.text for _, docs in corpora for d in docs]
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model_dir
+        if folder is None:
+            shape = FULL_1_5B if args.shape == "1.5b" else {}
+            folder = build_stella_shaped(
+                Path(tmp) / f"stella-{args.shape}",
+                tokenizer_texts=all_text,
+                tokenizer_vocab=args.tokenizer_vocab,
+                **shape,
+            )
+        build_s = time.time() - started
+
+        def settings(batch_size: int):
+            return load_settings(
+                cli={"encoder": {"batch_size": batch_size, "backend": "torch"}, "processing": {"device": device}},
+                environ={},
+            )
+
+        encoders: dict[int, Encoder] = {}
+
+        def encoder(batch_size: int) -> Encoder:
+            if not encoders:
+                encoders[batch_size] = Encoder.load(str(folder), settings(batch_size), dim=1024)
+            else:  # one set of weights on the device; only the batch size differs
+                first = next(iter(encoders.values()))
+                encoders[batch_size] = Encoder(first.model, first.profile, first.head, settings(batch_size), device)
+            return encoders[batch_size]
+
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        project = encoder(batch_sizes[0])
+        config = project.model[0].auto_model.config
+        flops_512 = forward_flops_per_token(config, 512, project.dim)
+        baseline = SentenceTransformer(str(folder), device=device, trust_remote_code=True, local_files_only=True)
+        baseline.max_seq_length = 512
+
+        def baseline_encode(texts: list[str]):
+            return baseline.encode(texts, batch_size=16, normalize_embeddings=True)
+
+        def rate(texts: list[str], seconds: float, tokens: int, flops_per_token: float | None) -> dict:
+            out = {"seconds": round(seconds, 3), "texts_per_s": round(len(texts) / seconds, 1)}
+            out["tokens_per_s"] = round(tokens / seconds)
+            if cuda and flops_per_token:
+                out["mfu"] = round(tokens * flops_per_token / seconds / (args.peak_tflops * 1e12), 4)
+            return out
+
+        # -- 512-token inputs ------------------------------------------------------------------------------------
+        vocabulary = sorted({w for text in all_text[:2000] for w in text.split() if w.isalpha()})
+        fixed = fixed_length_texts(vocabulary, args.fixed_texts)
+        fixed_tokens = sum(min(512, len(ids)) for ids in project.tokenizer(fixed)["input_ids"])
+        baseline_encode(fixed[:16])  # warm-up
+        fixed_result = {
+            "texts": len(fixed),
+            "mean_tokens": round(fixed_tokens / len(fixed), 1),
+            "baseline": rate(fixed, timed(lambda: baseline_encode(fixed), device), fixed_tokens, flops_512),
+            "project": {},
+        }
+        for batch_size in batch_sizes:
+            enc = encoder(batch_size)
+            enc.encode_passages(fixed[:batch_size])  # warm-up at this shape
+            before = (enc.stats.tokens, enc.stats.padded_tokens)
+            seconds = timed(lambda enc=enc: enc.encode_passages(fixed), device)
+            computed = enc.stats.padded_tokens - before[1]
+            fixed_result["project"][str(batch_size)] = {
+                **rate(fixed, seconds, enc.stats.tokens - before[0], flops_512),
+                "padded_tokens": computed,
+            }
+        best = max(fixed_result["project"].values(), key=lambda r: r["texts_per_s"])
+        fixed_result["best_vs_baseline"] = round(best["texts_per_s"] / fixed_result["baseline"]["texts_per_s"], 2)
+
+        # -- real length distributions ---------------------------------------------------------------------------
+        real = []
+        chunker = Chunker(project.chunk_tokenizer, project.max_seq_length, 32, project.passage_prompt)
+        for name, documents in corpora:
+            texts = [text_to_encode(d.title, p.text) for d in documents for p in chunker.split(d)]
+            tokens = sum(len(ids) for ids in project.tokenizer(texts, truncation=True, max_length=512)["input_ids"])
+            baseline_s = timed(lambda texts=texts: baseline_encode(texts), device)
+            entry = {
+                "corpus": name,
+                "passages": len(texts),
+                "mean_tokens": round(tokens / len(texts), 1),
+                "baseline": rate(texts, baseline_s, tokens, None),
+                "project": {},
+            }
+            for batch_size in batch_sizes:
+                enc = encoder(batch_size)
+                before = (enc.stats.tokens, enc.stats.padded_tokens)
+                seconds = timed(lambda enc=enc, texts=texts: enc.encode_passages(texts), device)
+                real_tokens, computed = enc.stats.tokens - before[0], enc.stats.padded_tokens - before[1]
+                entry["project"][str(batch_size)] = {
+                    **rate(texts, seconds, real_tokens, None),
+                    "padding_fraction": round(1 - real_tokens / computed, 4),
+                    "vs_baseline": round(baseline_s / seconds, 2),
+                }
+            real.append(entry)
+
+        # -- forced out-of-memory --------------------------------------------------------------------------------
+        oom = None
+        if cuda:
+            enc = encoder(args.oom_batch)
+            texts = fixed_length_texts(vocabulary, args.oom_batch, words=700)
+            before = enc.stats.oom_backoffs
+            seconds = timed(lambda: enc.encode_passages(texts), device)
+            oom = {
+                "batch_size_asked": args.oom_batch,
+                "backoffs": enc.stats.oom_backoffs - before,
+                "completed_vectors": len(texts),
+                "seconds": round(seconds, 1),
+            }
+
+    result = {
+        "benchmark": "gpu_ingest",
+        "command": "python scripts/bench_gpu.py " + " ".join(os.sys.argv[1:]),
+        "shape": args.shape,
+        "model": {
+            "hidden": config.hidden_size,
+            "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads,
+            "intermediate": config.intermediate_size,
+            "vocab": config.vocab_size,
+            "head": project.head.label,
+            "attention": type(project.model[0].auto_model).__name__,
+            "dtype": str(next(project.model.parameters()).dtype),
+            "tokenizer_vocab": len(project.tokenizer),
+            "build_seconds": round(build_s, 1),
+        },
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "peak_tflops": args.peak_tflops if cuda else None,
+        "flops_per_token_512": flops_512,
+        "baseline_what": "SentenceTransformer fp32, encode(batch_size=16, normalize_embeddings=True)",
+        "project_what": "Encoder.encode_passages: bf16 on CUDA, length-sorted batches, pooling, head, normalise, "
+        "host copy",
+        "fixed_512_tokens": fixed_result,
+        "real_lengths": real,
+        "forced_oom": oom,
+        "minutes": round((time.time() - started) / 60, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
