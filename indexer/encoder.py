@@ -375,11 +375,14 @@ class Encoder:
                 }
                 try:
                     out[first + idx] = self._embed(batch, bulk=True)
+                    out_of_memory = False
                 except torch.cuda.OutOfMemoryError:
                     if len(idx) == 1:
                         raise
-                    del batch
-                    budget //= 2
+                    out_of_memory = True
+                del batch
+                if out_of_memory:  # outside the except block: its traceback no longer pins the failed batch
+                    budget = max(1, budget // 2)
                     self.stats.oom_backoffs += 1
                     torch.cuda.empty_cache()
                     log.warning("CUDA out of memory: retrying with batches of at most %d tokens", budget)
