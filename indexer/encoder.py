@@ -150,6 +150,7 @@ class Encoder:
                 self._onnx_bulk = OnnxForward.for_model(
                     model, onnx_dir, self._graph_fingerprint(), threads, int8=self.int8
                 )
+        self._cuda_budget_cap = 0  # set by an out-of-memory back-off
         self._cache = None
         if settings.embedding.cache_embeddings:
             from indexer.embedding_cache import EmbeddingCache
@@ -344,7 +345,8 @@ class Encoder:
         if self._onnx is not None:
             return self.settings.encoder.max_batch_tokens
         if self.device.startswith("cuda"):
-            return self.settings.encoder.batch_size * self.max_seq_length
+            budget = self.settings.encoder.batch_size * self.max_seq_length
+            return min(budget, self._cuda_budget_cap or budget)
         return 0
 
     def _encode_by_token_budget(self, texts: list[str], prompt: str | None, out: np.ndarray, budget: int) -> None:
@@ -368,11 +370,7 @@ class Encoder:
                 idx = pending[0]
                 width = int(lengths[idx].max())
                 columns = slice(mask.shape[1] - width, None) if left else slice(0, width)
-                batch = {
-                    name: value[idx][:, columns]
-                    for name, value in features.items()
-                    if getattr(value, "ndim", 0) == 2 and value.shape[0] == len(window)
-                }
+                batch = {name: _rows(value, idx, columns, len(window)) for name, value in features.items()}
                 try:
                     out[first + idx] = self._embed(batch, bulk=True)
                     out_of_memory = False
@@ -383,6 +381,7 @@ class Encoder:
                 del batch
                 if out_of_memory:  # outside the except block: its traceback no longer pins the failed batch
                     budget = max(1, budget // 2)
+                    self._cuda_budget_cap = budget  # later calls start where this one backed off to
                     self.stats.oom_backoffs += 1
                     torch.cuda.empty_cache()
                     log.warning("CUDA out of memory: retrying with batches of at most %d tokens", budget)
@@ -440,9 +439,7 @@ class Encoder:
         from sentence_transformers.util import batch_to_device
 
         mask = features.get("attention_mask")
-        if mask is not None:  # counted on the host, before the batch moves to the device
-            self.stats.tokens += int(mask.sum())
-            self.stats.padded_tokens += mask.numel()
+        counts = (int(mask.sum()), mask.numel()) if mask is not None else (0, 0)  # on the host, before the copy
         if self._onnx is not None:
             forward = self._onnx_bulk if bulk else self._onnx
             with self._forward_lock:
@@ -451,11 +448,24 @@ class Encoder:
             features = batch_to_device(features, self.model.device)
             with self._forward_lock, torch.inference_mode():
                 embeddings = self.model(features)["sentence_embedding"]
+        self.stats.tokens += counts[0]  # a batch that ran out of memory is not counted
+        self.stats.padded_tokens += counts[1]
         if self.head.truncate:
             embeddings = embeddings[:, : self.head.dim]
         if self.settings.encoder.normalize_embeddings:
             embeddings = torch.nn.functional.normalize(embeddings.float(), p=2, dim=1)
         return embeddings.float().cpu().numpy()
+
+
+def _rows(value, idx: np.ndarray, columns: slice, texts: int):
+    """A batch's part of one tokenised feature: token tensors cut to its rows and width, per-text vectors to its
+    rows, anything else (``prompt_length``) as it is."""
+    ndim = getattr(value, "ndim", 0)
+    if ndim == 2 and value.shape[0] == texts:
+        return value[idx][:, columns]
+    if ndim == 1 and value.shape[0] == texts:
+        return value[idx]
+    return value
 
 
 def _folder_stamp(folder: str | None) -> str:

@@ -1,6 +1,6 @@
 """Query latency through HTTP against in-process encode+search, and requests/s at 1, 8 and 32 clients, for the
-server with query micro-batching and without it, both measured in the same run; with ``--seed-server``, also the
-seed's server (unbatched, torch fp32 query encoder) against the default server (micro-batched, default backend).
+server with query micro-batching and without it, both measured in the same run; with ``--seed-server``, also a
+seed-configured server (today's code, unbatched, torch fp32 query encoder), the default server's baseline.
 
 Everything runs on loopback and stops by itself: two real `stella-search serve` processes on free 127.0.0.1
 ports (micro-batching on and off), a bounded number of single queries alternating between them, then for each
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument(
         "--seed-server",
         action="store_true",
-        help="a third server, the seed's: unbatched with the torch encoder (the baseline of the default server)",
+        help="a third server configured as the seed's: unbatched, torch encoder (the default server's baseline)",
     )
     parser.add_argument("--out", type=Path, default=Path("scripts/results/bench_api.json"))
     args = parser.parse_args()
@@ -289,7 +289,7 @@ async def single_queries(
 
 def measure_servers(tmp: Path, data_dir: Path, queries: list[str], args) -> dict:
     """Start `stella-search serve` with and without micro-batching (each on its own copy of the collection; and
-    the seed's server, unbatched with torch, when asked), then single queries and each concurrency level, taking
+    a seed-configured server, unbatched with torch, when asked), then single queries and each concurrency level, taking
     turns."""
     modes = {"unbatched": (False, args.backend), "microbatched": (True, args.backend)}
     if args.seed_server:

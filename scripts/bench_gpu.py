@@ -13,8 +13,9 @@ cuts it. On the same texts:
 - **Real length distributions**: the passages the project's chunker cuts from each corpus: texts/s against the
   baseline, and the share of computed tokens that were padding (``Encoder.stats``). On CUDA the encoder cuts
   length-sorted batches of up to ``batch_size`` x 512 padded tokens, so ``--batch-sizes`` sets that budget.
-- **A forced CUDA out-of-memory**: one encode call at ``--oom-batch`` texts of 512 tokens per batch; the batch
-  must back off (``stats.oom_backoffs``) and the call complete with every vector.
+- **A forced CUDA out-of-memory**: all but ``--oom-headroom-gib`` of the free GPU memory is taken by a ballast
+  tensor, then the 512-token texts are encoded at the largest budget: the budget must back off
+  (``stats.oom_backoffs``) and the call return every vector, equal to an unforced run's (cosine).
 
     python scripts/bench_gpu.py --out scripts/results/bench_gpu.json                      # on the GPU machine
     python scripts/bench_gpu.py --shape tiny --device cpu --fixed-texts 32 --limit 64 --out /tmp/gpu-smoke.json
@@ -86,12 +87,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=2000, help="documents per corpus")
     parser.add_argument("--fixed-texts", type=int, default=256, help="512-token texts")
     parser.add_argument("--batch-sizes", default="16,64,128", help="the project encoder's batch sizes to measure")
-    parser.add_argument("--oom-batch", type=int, default=8192, help="texts per batch that must not fit")
+    parser.add_argument(
+        "--oom-headroom-gib", type=float, default=1.0, help="GPU memory left free for the forced out-of-memory"
+    )
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 dense matrix rate of the GPU")
     parser.add_argument("--tokenizer-vocab", type=int, default=32000)
     parser.add_argument("--out", type=Path, default=Path("scripts/results/bench_gpu.json"))
     args = parser.parse_args()
 
+    import numpy as np
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -204,16 +208,38 @@ def main() -> None:
         # -- forced out-of-memory --------------------------------------------------------------------------------
         oom = None
         if cuda:
-            enc = encoder(args.oom_batch)
-            texts = fixed_length_texts(vocabulary, args.oom_batch, words=700)
+            # Memory is taken away (a ballast tensor leaves --oom-headroom-gib free) rather than asking for a batch
+            # too large for the card, so that the out-of-memory happens on any card: the largest budget's first
+            # batch cannot fit, the budget must halve until one does, and every vector must still come back.
+            enc = encoder(batch_sizes[-1])
+            texts = fixed
+            unforced = enc.encode_passages(texts)
+            enc._cuda_budget_cap = 0
             before = enc.stats.oom_backoffs
-            seconds = timed(lambda: enc.encode_passages(texts), device)
+            free, _ = torch.cuda.mem_get_info()
+            ballast = torch.empty(max(0, free - int(args.oom_headroom_gib * 2**30)), dtype=torch.uint8, device=device)
+            try:
+                started_oom = time.perf_counter()
+                forced = enc.encode_passages(texts)
+                seconds = time.perf_counter() - started_oom
+            finally:
+                del ballast
+                torch.cuda.empty_cache()
+            backoffs = enc.stats.oom_backoffs - before
+            cosine = (forced * unforced).sum(axis=1)
             oom = {
-                "batch_size_asked": args.oom_batch,
-                "backoffs": enc.stats.oom_backoffs - before,
-                "completed_vectors": len(texts),
+                "headroom_gib": args.oom_headroom_gib,
+                "budget_tokens_asked": batch_sizes[-1] * 512,
+                "budget_tokens_after": enc._cuda_budget_cap,
+                "backoffs": backoffs,
+                "forced": backoffs > 0,
+                "vectors": list(forced.shape),
+                "all_finite": bool(np.isfinite(forced).all()),
+                "min_cosine_to_unforced_run": round(float(cosine.min()), 6),
                 "seconds": round(seconds, 1),
             }
+            if not backoffs:
+                print("WARNING: the forced out-of-memory did not happen; lower --oom-headroom-gib")
 
     result = {
         "benchmark": "gpu_ingest",

@@ -10,7 +10,7 @@
 set -eu
 root=$(git rev-parse --show-toplevel)
 dest="$root/.carry/wheels"
-exclude="$root/$(cd "$root" && git rev-parse --git-path info/exclude)"
+exclude=$(cd "$root" && git rev-parse --path-format=absolute --git-path info/exclude)
 mkdir -p "$(dirname "$exclude")"
 grep -qxF '/.carry/' "$exclude" 2>/dev/null || echo '/.carry/' >> "$exclude"
 rm -rf "$dest"; mkdir -p "$dest"
