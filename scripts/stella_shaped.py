@@ -59,11 +59,8 @@ class BidirectionalQwen2Model(Qwen2Model):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if not isinstance(attention_mask, dict):
-            attention_mask = {
-                "full_attention": create_bidirectional_mask(
-                    config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
-                )
-            }
+            # positional: the embeddings' keyword was input_embeds before transformers 5.9, inputs_embeds since
+            attention_mask = {"full_attention": create_bidirectional_mask(self.config, inputs_embeds, attention_mask)}
         return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 '''
 
