@@ -181,9 +181,14 @@ def main() -> None:
 
         # -- real length distributions ---------------------------------------------------------------------------
         real = []
-        chunker = Chunker(project.chunk_tokenizer, project.max_seq_length, 32, project.passage_prompt)
+        overlap = project.settings.ingest.chunk_overlap
+        chunker = Chunker(project.chunk_tokenizer, project.max_seq_length, overlap, project.passage_prompt)
         for name, documents in corpora:
-            texts = [text_to_encode(d.title, p.text) for d in documents for p in chunker.split(d)]
+            texts = [
+                text_to_encode(d.title, p.text)
+                for d, passages in zip(documents, chunker.split_many(documents))
+                for p in passages
+            ]
             tokens = sum(len(ids) for ids in project.tokenizer(texts, truncation=True, max_length=512)["input_ids"])
             baseline_s = timed(lambda texts=texts: baseline_encode(texts), device)
             entry = {

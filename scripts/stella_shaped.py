@@ -106,7 +106,8 @@ def build_stella_shaped(
 
     The byte-level BPE tokenizer is trained on ``tokenizer_texts`` (default: a few sentences) up to
     ``tokenizer_vocab`` tokens: trained on real corpora with a vocabulary in the tens of thousands, it cuts
-    English about as finely as Stella's Qwen2 tokenizer (151k tokens), so real length distributions hold.
+    English at a granularity comparable to a word-piece model's (msmarco at 32k: 76.8 tokens per passage,
+    MiniLM's WordPiece 81.8); Stella's own Qwen2 tokenizer could not be measured here.
     """
     import torch
     from sentence_transformers.sentence_transformer.modules import Dense
@@ -127,11 +128,9 @@ def build_stella_shaped(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    config.auto_map = {"AutoModel": "modeling_stella_shaped.BidirectionalQwen2Model"}
     Qwen2Model(config).save_pretrained(out)
     (out / "modeling_stella_shaped.py").write_text(MODELING)
-    saved = json.loads((out / "config.json").read_text())
-    saved["auto_map"] = {"AutoModel": "modeling_stella_shaped.BidirectionalQwen2Model"}
-    (out / "config.json").write_text(json.dumps(saved, indent=2))
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
     (out / "1_Pooling").mkdir(exist_ok=True)
     (out / "1_Pooling" / "config.json").write_text(
