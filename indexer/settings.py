@@ -65,6 +65,11 @@ class EncoderSettings(_Section):
         description="onnx bulk encodes: length-sorted batches filled up to this many padded tokens (0: batch_size); "
         "on CUDA the budget is batch_size x the model's max length",
     )
+    compile: str = Field(
+        "off",
+        description="torch backend: 'off', or a torch.compile backend ('inductor', ...) that compiles the "
+        "transformer's forward once for every batch shape (dynamic shapes) and warms it up at load",
+    )
     int8_keep_fp32: list[str] = Field(
         default_factory=lambda: list(FFN_DOWN_MATMULS),
         description="onnx-int8: regular expressions naming the graph's MatMul nodes kept in fp32 (default: the FFN "

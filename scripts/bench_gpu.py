@@ -13,12 +13,16 @@ cuts it. On the same texts:
 - **Real length distributions**: the passages the project's chunker cuts from each corpus: texts/s against the
   baseline, and the share of computed tokens that were padding (``Encoder.stats``). On CUDA the encoder cuts
   length-sorted batches of up to ``batch_size`` x 512 padded tokens, so ``--batch-sizes`` sets that budget.
+- **Compiled** (``--compile``, inductor on CUDA): the same two measurements again with ``encoder.compile``
+  (``torch.compile`` of the transformer's forward with dynamic shapes, compiled and warmed up at load; the
+  ``project_compiled`` rows and the compile time).
 - **A forced CUDA out-of-memory**: all but ``--oom-headroom-gib`` of the free GPU memory is taken by a ballast
   tensor, then the 512-token texts are encoded at the largest budget: the budget must back off
   (``stats.oom_backoffs``) and the call return every vector, equal to an unforced run's (cosine).
 
     python scripts/bench_gpu.py --out scripts/results/bench_gpu.json                      # on the GPU machine
-    python scripts/bench_gpu.py --shape tiny --device cpu --fixed-texts 32 --limit 64 --out /tmp/gpu-smoke.json
+    python scripts/bench_gpu.py --shape tiny --device cpu --fixed-texts 32 --limit 64 --compile aot_eager \
+        --out /tmp/gpu-smoke.json
 
 On the CPU (the smoke run) MFU and the out-of-memory step are left out: they mean nothing there.
 """
@@ -90,6 +94,11 @@ def main() -> None:
     parser.add_argument(
         "--oom-headroom-gib", type=float, default=1.0, help="GPU memory left free for the forced out-of-memory"
     )
+    parser.add_argument(
+        "--compile",
+        default=None,
+        help="torch.compile backend for the compiled rows (default: inductor on CUDA, off on the CPU; off skips them)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 dense matrix rate of the GPU")
     parser.add_argument("--tokenizer-vocab", type=int, default=32000)
     parser.add_argument("--out", type=Path, default=Path("scripts/results/bench_gpu.json"))
@@ -122,21 +131,28 @@ def main() -> None:
             )
         build_s = time.time() - started
 
-        def settings(batch_size: int):
-            return load_settings(
-                cli={"encoder": {"batch_size": batch_size, "backend": "torch"}, "processing": {"device": device}},
-                environ={},
-            )
+        compile_backend = args.compile or ("inductor" if cuda else "off")
+        variants = ["eager"] + (["compiled"] if compile_backend != "off" else [])
 
-        encoders: dict[int, Encoder] = {}
+        def settings(batch_size: int, variant: str):
+            encoder = {"batch_size": batch_size, "backend": "torch"}
+            if variant == "compiled":
+                encoder["compile"] = compile_backend
+            return load_settings(cli={"encoder": encoder, "processing": {"device": device}}, environ={})
 
-        def encoder(batch_size: int) -> Encoder:
-            if not encoders:
-                encoders[batch_size] = Encoder.load(str(folder), settings(batch_size), dim=1024)
-            else:  # one set of weights on the device; only the batch size differs
-                first = next(iter(encoders.values()))
-                encoders[batch_size] = Encoder(first.model, first.profile, first.head, settings(batch_size), device)
-            return encoders[batch_size]
+        encoders: dict[tuple[str, int], Encoder] = {}
+
+        def encoder(batch_size: int, variant: str = "eager") -> Encoder:
+            key = (variant, batch_size)
+            if key in encoders:
+                return encoders[key]
+            first = next((e for (v, _), e in encoders.items() if v == variant), None)
+            if first is None:  # eager and compiled each load their own weights (compiling patches the model)
+                encoders[key] = Encoder.load(str(folder), settings(batch_size, variant), dim=1024)
+            else:  # one set of weights per variant; only the batch size differs
+                encoders[key] = Encoder(first.model, first.profile, first.head, settings(batch_size, variant), device)
+                encoders[key].compile_seconds = first.compile_seconds
+            return encoders[key]
 
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
         project = encoder(batch_sizes[0])
@@ -164,19 +180,24 @@ def main() -> None:
             "texts": len(fixed),
             "mean_tokens": round(fixed_tokens / len(fixed), 1),
             "baseline": rate(fixed, timed(lambda: baseline_encode(fixed), device), fixed_tokens, flops_512),
-            "project": {},
         }
-        for batch_size in batch_sizes:
-            enc = encoder(batch_size)
-            enc.encode_passages(fixed[:batch_size])  # warm-up at this shape
-            before = (enc.stats.tokens, enc.stats.padded_tokens)
-            seconds = timed(lambda enc=enc: enc.encode_passages(fixed), device)
-            computed = enc.stats.padded_tokens - before[1]
-            fixed_result["project"][str(batch_size)] = {
-                **rate(fixed, seconds, enc.stats.tokens - before[0], flops_512),
-                "padded_tokens": computed,
-            }
-        best = max(fixed_result["project"].values(), key=lambda r: r["texts_per_s"])
+        for variant in variants:
+            section = fixed_result["project" if variant == "eager" else "project_compiled"] = {}
+            for batch_size in batch_sizes:
+                enc = encoder(batch_size, variant)
+                enc.encode_passages(fixed[:batch_size])  # warm-up at this shape
+                before = (enc.stats.tokens, enc.stats.padded_tokens)
+                seconds = timed(lambda enc=enc: enc.encode_passages(fixed), device)
+                computed = enc.stats.padded_tokens - before[1]
+                section[str(batch_size)] = {
+                    **rate(fixed, seconds, enc.stats.tokens - before[0], flops_512),
+                    "padded_tokens": computed,
+                }
+        if "compiled" in variants:
+            fixed_result["compile_backend"] = compile_backend
+            fixed_result["compile_and_warm_up_seconds"] = round(encoder(batch_sizes[0], "compiled").compile_seconds, 1)
+        rows = [r for key in ("project", "project_compiled") for r in fixed_result.get(key, {}).values()]
+        best = max(rows, key=lambda r: r["texts_per_s"])
         fixed_result["best_vs_baseline"] = round(best["texts_per_s"] / fixed_result["baseline"]["texts_per_s"], 2)
 
         # -- real length distributions ---------------------------------------------------------------------------
@@ -196,18 +217,19 @@ def main() -> None:
                 "passages": len(texts),
                 "mean_tokens": round(tokens / len(texts), 1),
                 "baseline": rate(texts, baseline_s, tokens, None),
-                "project": {},
             }
-            for batch_size in batch_sizes:
-                enc = encoder(batch_size)
-                before = (enc.stats.tokens, enc.stats.padded_tokens)
-                seconds = timed(lambda enc=enc, texts=texts: enc.encode_passages(texts), device)
-                real_tokens, computed = enc.stats.tokens - before[0], enc.stats.padded_tokens - before[1]
-                entry["project"][str(batch_size)] = {
-                    **rate(texts, seconds, real_tokens, None),
-                    "padding_fraction": round(1 - real_tokens / computed, 4),
-                    "vs_baseline": round(baseline_s / seconds, 2),
-                }
+            for variant in variants:
+                section = entry["project" if variant == "eager" else "project_compiled"] = {}
+                for batch_size in batch_sizes:
+                    enc = encoder(batch_size, variant)
+                    before = (enc.stats.tokens, enc.stats.padded_tokens)
+                    seconds = timed(lambda enc=enc, texts=texts: enc.encode_passages(texts), device)
+                    real_tokens, computed = enc.stats.tokens - before[0], enc.stats.padded_tokens - before[1]
+                    section[str(batch_size)] = {
+                        **rate(texts, seconds, real_tokens, None),
+                        "padding_fraction": round(1 - real_tokens / computed, 4),
+                        "vs_baseline": round(baseline_s / seconds, 2),
+                    }
             real.append(entry)
 
         # -- forced out-of-memory --------------------------------------------------------------------------------
@@ -269,7 +291,8 @@ def main() -> None:
         "flops_per_token_512": flops_512,
         "baseline_what": "SentenceTransformer fp32, encode(batch_size=16, normalize_embeddings=True)",
         "project_what": "Encoder.encode_passages: bf16 on CUDA, length-sorted batches, pooling, head, normalise, "
-        "host copy",
+        "host copy; project_compiled: the same with encoder.compile (torch.compile of the transformer's forward, "
+        "dynamic shapes)",
         "fixed_512_tokens": fixed_result,
         "real_lengths": real,
         "forced_oom": oom,

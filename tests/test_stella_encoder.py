@@ -180,3 +180,26 @@ def test_the_onnx_backend_gives_the_torch_vectors(tiny_stella, tmp_path, model, 
     assert len(list(tmp_path.glob("*.onnx"))) == 1  # exported once, then reused
     Encoder.load(name, cpu_settings(backend="onnx", onnx_dir=str(tmp_path)), dim=dim)
     assert len(list(tmp_path.glob("*.onnx"))) == 1
+
+
+def test_a_compiled_forward_gives_the_eager_vectors_for_every_batch_shape(tiny_stella):
+    """encoder.compile traces the shaped model's bidirectional forward with dynamic shapes (the aot_eager backend:
+    TorchDynamo and AOTAutograd, eager kernels, no C++ build in the tests) and warms it up at load; vectors of
+    batches of other sizes and lengths than the warm-up's still equal the eager encoder's."""
+    from torch._dynamo.utils import counters
+
+    eager = load(tiny_stella, backend="torch")
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = load(tiny_stella, backend="torch", compile="aot_eager")
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the forward really went through TorchDynamo
+    assert compiled.compile_seconds > 0 and compiled.stats.texts == 0  # the warm-up is not counted
+    texts = [f"passage {i} about vector search " * (1 + i % 7) for i in range(11)]
+    np.testing.assert_allclose(compiled.encode_passages(texts), eager.encode_passages(texts), atol=1e-5)
+    np.testing.assert_allclose(compiled.encode_queries(texts[:1]), eager.encode_queries(texts[:1]), atol=1e-5)
+
+
+def test_compile_settings_that_cannot_work_are_refused(tiny_stella):
+    with pytest.raises(InvalidInputError, match="not a torch.compile backend"):
+        load(tiny_stella, backend="torch", compile="no-such-backend")
+    with pytest.raises(InvalidInputError, match="applies to the torch backend"):
+        load(tiny_stella, backend="onnx", compile="aot_eager")
