@@ -84,12 +84,26 @@ def resolve_profile(model: str) -> ModelProfile:
             model_id=str(path.resolve()),
             revision=None,
             trust_remote_code=True,
+            cpu_config_kwargs=_xformers_switches(path),
             local_path=str(path.resolve()),
         )
     raise InvalidInputError(
         f"unknown model {model!r}: use one of {', '.join(['minilm', *PROFILES])} "
         "or the path of a sentence-transformers model folder"
     )
+
+
+def _xformers_switches(folder: Path) -> dict:
+    """For a local copy of a NewModel (stella_en_400M_v5) whose config asks for xformers memory-efficient
+    attention or unpadded inputs: the config_kwargs that turn both off where xformers cannot run, as the named
+    profile has them; nothing for any other model."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if config.get("use_memory_efficient_attention") or config.get("unpad_inputs"):
+        return {"use_memory_efficient_attention": False, "unpad_inputs": False}
+    return {}
 
 
 def model_folder(profile: ModelProfile) -> Path:

@@ -42,10 +42,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def forward_flops_per_token(config, seq_len: int, head_dim_out: int) -> float:
-    """FLOPs per token of one bidirectional Qwen2 forward at ``seq_len`` plus the Dense head (multiply-add = 2)."""
+    """FLOPs per token of one bidirectional forward at ``seq_len`` plus the Dense head (multiply-add = 2): Qwen2
+    (1.5B) and NewModel (400M, packed QKV and gated MLP: the same products) alike."""
     hidden, inter = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
+    kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * head_dim  # NewModel: no GQA
     projections = hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * inter  # q, o; k, v; gate, up, down
     attention = 2 * seq_len * config.num_attention_heads * head_dim  # q.k over every key, then p.v
     return 2 * config.num_hidden_layers * (projections + attention) + 2 * hidden * head_dim_out
@@ -79,7 +80,7 @@ def timed(fn, device: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=["1.5b", "tiny"], default="1.5b")
+    parser.add_argument("--shape", choices=["1.5b", "400m", "tiny", "tiny-400m"], default="1.5b")
     parser.add_argument("--model-dir", type=Path, help="an already built shaped folder (skips building)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument(
@@ -109,10 +110,10 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from indexer.chunking import Chunker, text_to_encode
-    from indexer.encoder import Encoder
+    from indexer.encoder import Encoder, _xformers_on
     from indexer.settings import load_settings
 
-    from stella_shaped import FULL_1_5B, build_stella_shaped
+    from stella_shaped import FULL_1_5B, FULL_400M, build_stella_400m_shaped, build_stella_shaped
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
@@ -121,7 +122,10 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir
-        if folder is None:
+        if folder is None and args.shape.endswith("400m"):  # BERT's WordPiece, as stella_en_400M_v5 has
+            shape = FULL_400M if args.shape == "400m" else {}
+            folder = build_stella_400m_shaped(Path(tmp) / f"stella-{args.shape}", **shape)
+        elif folder is None:
             shape = FULL_1_5B if args.shape == "1.5b" else {}
             folder = build_stella_shaped(
                 Path(tmp) / f"stella-{args.shape}",
@@ -158,7 +162,14 @@ def main() -> None:
         project = encoder(batch_sizes[0])
         config = project.model[0].auto_model.config
         flops_512 = forward_flops_per_token(config, 512, project.dim)
-        baseline = SentenceTransformer(str(folder), device=device, trust_remote_code=True, local_files_only=True)
+        baseline = SentenceTransformer(
+            str(folder),
+            device=device,
+            trust_remote_code=True,
+            local_files_only=True,
+            # the model card's settings without xformers (400M); none for the 1.5B
+            config_kwargs=(project.profile.cpu_config_kwargs if not _xformers_on(device) else None) or None,
+        )
         baseline.max_seq_length = 512
 
         def baseline_encode(texts: list[str]):
@@ -276,7 +287,7 @@ def main() -> None:
             "hidden": config.hidden_size,
             "layers": config.num_hidden_layers,
             "heads": config.num_attention_heads,
-            "kv_heads": config.num_key_value_heads,
+            "kv_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
             "intermediate": config.intermediate_size,
             "vocab": config.vocab_size,
             "head": project.head.label,

@@ -59,6 +59,13 @@ def tiny_stella(tmp_path_factory) -> Path:
     return build_stella_shaped(tmp_path_factory.mktemp("models") / "tiny-stella")
 
 
+@pytest.fixture(scope="session")
+def tiny_stella_400m(tmp_path_factory) -> Path:
+    from stella_shaped import build_stella_400m_shaped
+
+    return build_stella_400m_shaped(tmp_path_factory.mktemp("models") / "tiny-stella-400m")
+
+
 @pytest.fixture
 def settings():
     return cpu_settings()

@@ -4,6 +4,8 @@ Each expectation is computed independently with plain transformers + the head's 
 shows the encoder picks the right MRL head, puts prompts on queries only, and normalises.
 """
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -18,11 +20,11 @@ from conftest import cpu_settings
 from stella_shaped import S2P_QUERY, S2S_QUERY
 
 
-def reference(folder, text: str, head: int, keep: int | None = None) -> np.ndarray:
-    """mean-pool(Qwen2(text)) -> 2_Dense_{head} -> [:keep] -> L2-normalise, without sentence-transformers (the
-    folder's own bidirectional Qwen2 code, as Stella's is loaded: trust_remote_code)."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+def reference(folder, text: str, head: int, keep: int | None = None, **config_kwargs) -> np.ndarray:
+    """mean-pool(model(text)) -> 2_Dense_{head} -> [:keep] -> L2-normalise, without sentence-transformers (the
+    folder's own code, bidirectional Qwen2 or NewModel, as Stella's is loaded: trust_remote_code)."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, **config_kwargs).eval()
     batch = tokenizer([text], return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
@@ -203,3 +205,43 @@ def test_compile_settings_that_cannot_work_are_refused(tiny_stella):
         load(tiny_stella, backend="torch", compile="no-such-backend")
     with pytest.raises(InvalidInputError, match="applies to the torch backend"):
         load(tiny_stella, backend="onnx", compile="aot_eager")
+
+
+NO_XFORMERS = {"use_memory_efficient_attention": False, "unpad_inputs": False}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="the refusal needs xformers absent")
+def test_the_400m_shape_asks_for_xformers_and_the_encoder_turns_it_off(tiny_stella_400m):
+    """stella_en_400M_v5's config asks for xformers memory-efficient attention on unpadded inputs and its code
+    refuses to build without xformers; the model card's config_kwargs turn both off. The shaped NewModel folder
+    behaves the same, and the encoder (here loading it as a local folder) passes those kwargs."""
+    from sentence_transformers import SentenceTransformer
+
+    with pytest.raises(ImportError, match="xformers"):
+        SentenceTransformer(str(tiny_stella_400m), trust_remote_code=True, local_files_only=True, device="cpu")
+    encoder = load(tiny_stella_400m, backend="torch")
+    model = encoder.model[0].auto_model
+    assert type(model).__name__ == "NewShapedModel"
+    assert not model.config.use_memory_efficient_attention and not model.config.unpad_inputs
+    assert encoder.query_prompt == S2P_QUERY and encoder.passage_prompt is None
+    text = "Stella 400M encodes passages with BERT's uncased WordPiece"
+    np.testing.assert_allclose(
+        encoder.encode_passages([text])[0], reference(tiny_stella_400m, text, 1024, **NO_XFORMERS), atol=1e-5
+    )
+    small = load(tiny_stella_400m, dim=256, backend="torch")
+    np.testing.assert_allclose(
+        small.encode_passages([text])[0], reference(tiny_stella_400m, text, 256, **NO_XFORMERS), atol=1e-5
+    )
+
+
+def test_the_400m_shape_attends_both_ways_and_ignores_padding(tiny_stella_400m):
+    encoder = load(tiny_stella_400m, backend="torch")
+    model, tokenizer = encoder.model[0].auto_model, encoder.tokenizer
+    pair = tokenizer(["vector search finds passages", "vector search finds documents"], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**pair).last_hidden_state
+    assert (hidden[0, 1] - hidden[1, 1]).abs().max() > 1e-3  # "vector" sees the last word
+    texts = ["a short passage", "a much longer passage about vector search with FAISS and SQLite " * 4]
+    batched = encoder.encode_passages(texts)
+    alone = np.stack([encoder.encode_passages([t])[0] for t in texts])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
