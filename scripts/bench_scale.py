@@ -15,6 +15,12 @@ A labelled synthetic section then draws 1M vectors from a Gaussian with the real
     python scripts/bench_scale.py --encode-minutes 20          # encode (cached), then benchmark
     python scripts/bench_scale.py --encode-only --encode-minutes 20
     python scripts/bench_scale.py --synthetic 0                # skip the 1M section
+
+On the GPU machine (item 5 there): ``--encode-device cuda`` encodes with the torch encoder in bf16 instead, and
+``--docstrings --longest 5`` grows the real set with the prose paragraphs of the installed packages' docstrings
+(doctests, code and parameter lists left out) and windows of up to five sentences: here that is 240k corpus and
+python-docs windows plus about 190k docstring windows (at three sentences); 1M real windows needs a larger
+package set than either machine is known to have, so N is reported as found.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def windows(text: str, title: str | None = None, longest: int = 3) -> list[str]:
     ]
 
 
-def corpus_windows(data_root: Path) -> dict[str, list[tuple[str, str]]]:
+def corpus_windows(data_root: Path, longest: int = 3) -> dict[str, list[tuple[str, str]]]:
     """(window, source document) of every ``corpus.jsonl`` under ``data_root``, by data set name."""
     out = {}
     for corpus in sorted(data_root.glob("*/corpus.jsonl")):
@@ -71,12 +77,13 @@ def corpus_windows(data_root: Path) -> dict[str, list[tuple[str, str]]]:
             for line in f:
                 record = json.loads(line)
                 key = f"{corpus.parent.name}/{record['_id']}"
-                pairs += [(w, key) for w in windows(record.get("text") or "", record.get("title") or None)]
+                text, title = record.get("text") or "", record.get("title") or None
+                pairs += [(w, key) for w in windows(text, title, longest)]
         out[corpus.parent.name] = pairs
     return out
 
 
-def python_docs_windows() -> list[tuple[str, str]]:
+def python_docs_windows(longest: int = 3) -> list[tuple[str, str]]:
     """(window, topic) of the Python language reference shipped with the interpreter (real English prose)."""
     import pydoc_data.topics
 
@@ -86,15 +93,59 @@ def python_docs_windows() -> list[tuple[str, str]]:
         for paragraph in re.split(r"\n\s*\n", body):
             lines = paragraph.splitlines()
             if lines and not any(line.startswith("   ") for line in lines) and len(paragraph) > 40:
-                pairs += [(w, f"python-docs/{topic}") for w in windows(paragraph)]
+                pairs += [(w, f"python-docs/{topic}") for w in windows(paragraph, longest=longest)]
     return pairs
 
 
-def passage_set() -> tuple[list[str], list[str], dict[str, int]]:
+PROSE_WORD = re.compile(r"^[(\"']?[A-Za-z][a-z'-]*[)\"']?[.,;:!?]?[)\"']?$")
+
+
+def is_prose(paragraph: str) -> bool:
+    """A paragraph of English sentences: no indented lines (code, parameter lists), no doctest or markup, at least
+    eight whitespace-separated tokens of which 80% are plain words."""
+    lines = paragraph.splitlines()
+    if any(line.startswith((" ", "\t")) for line in lines[1:]) or ">>>" in paragraph or "::" in paragraph:
+        return False
+    tokens = paragraph.split()
+    return len(tokens) >= 8 and sum(bool(PROSE_WORD.match(t)) for t in tokens) >= 0.8 * len(tokens)
+
+
+def docstring_windows(longest: int = 3) -> list[tuple[str, str]]:
+    """(window, module) of the prose paragraphs of the docstrings of every installed package (site-packages):
+    real English documentation that the package registry delivers, windowed like the corpora. Reaching a
+    million real windows on the GPU machine needs more text than the shared corpora hold (178k windows)."""
+    import ast
+    import site
+
+    pairs, seen = [], set()
+    for root in site.getsitepackages():
+        for path in sorted(Path(root).rglob("*.py")):
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue
+            module = str(path.relative_to(root))
+            for node in ast.walk(tree):
+                if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                doc = ast.get_docstring(node)
+                if not doc or doc in seen:
+                    continue
+                seen.add(doc)
+                for paragraph in re.split(r"\n\s*\n", doc):
+                    if is_prose(paragraph):
+                        pairs += [(w, f"docstrings/{module}") for w in windows(paragraph, longest=longest)]
+    return pairs
+
+
+def passage_set(docstrings: bool = False, longest: int = 3) -> tuple[list[str], list[str], dict[str, int]]:
     """(windows, their source documents, windows per source): deduplicated, shuffled with a fixed seed (so any
-    prefix samples every source)."""
-    sources = corpus_windows(SHARED_DATA)
-    sources["python-docs"] = python_docs_windows()
+    prefix samples every source). ``docstrings`` adds the installed packages' documentation; windows are runs of
+    1..``longest`` sentences."""
+    sources = corpus_windows(SHARED_DATA, longest)
+    sources["python-docs"] = python_docs_windows(longest)
+    if docstrings:
+        sources["docstrings"] = docstring_windows(longest)
     seen: dict[str, str] = {}
     for pairs in sources.values():
         for text, key in pairs:
@@ -116,31 +167,34 @@ def real_queries(data_root: Path) -> tuple[list[str], list[str]]:
     return texts, names
 
 
-def load_encoder(batch_size: int):
+def load_encoder(batch_size: int, device: str = "cpu"):
+    """MiniLM through fp32 ONNX Runtime on the CPU (the fastest CPU path), or the torch encoder on ``device``
+    (CUDA: bf16, token-budget batches of ``batch_size`` x 512 tokens)."""
     from indexer.encoder import Encoder
     from indexer.settings import load_settings
 
+    backend = "onnx" if device == "cpu" else "torch"
     settings = load_settings(
         cli={
             "encoder": {
                 "model": "minilm",
-                "backend": "onnx",
+                "backend": backend,
                 "batch_size": batch_size,
                 "onnx_dir": str(ROOT / ".stella-cache" / "onnx"),
             },
-            "processing": {"device": "cpu"},
+            "processing": {"device": device},
         },
         environ={},
     )
     return Encoder.load("minilm", settings)
 
 
-def encode_cached(texts: list[str], minutes: float, batch_size: int) -> tuple[np.ndarray, float]:
+def encode_cached(texts: list[str], minutes: float, batch_size: int, device: str = "cpu") -> tuple[np.ndarray, float]:
     """(vectors, encode seconds) of the prefix of ``texts`` that ``minutes`` of encoding reaches.
 
     Chunks are cached with the seconds each took, so reruns reuse them and the budget counts every run's work.
     """
-    encoder = load_encoder(batch_size)
+    encoder = load_encoder(batch_size, device)
     key = hashlib.sha256(("\x1e".join(texts) + encoder.fingerprint).encode()).hexdigest()[:16]
     folder = CACHE / key
     folder.mkdir(parents=True, exist_ok=True)
@@ -410,6 +464,11 @@ def main() -> None:
     parser.add_argument("--encode-minutes", type=float, default=20.0, help="encoding budget (cached runs count)")
     parser.add_argument("--encode-only", action="store_true", help="encode and cache the passage set, then stop")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--encode-device", default="cpu", help="cpu (ONNX Runtime) or cuda (torch, bf16)")
+    parser.add_argument("--longest", type=int, default=3, help="sentences in the longest window")
+    parser.add_argument(
+        "--docstrings", action="store_true", help="add the prose of the installed packages' docstrings to the set"
+    )
     parser.add_argument("--held-out", type=int, default=1000, help="encoded windows kept out of the index as queries")
     parser.add_argument("--types", default="Flat,auto,IVF,Flat,HNSW32", help="index types, after Flat (comma list)")
     parser.add_argument("--recall", type=float, default=0.95, help="recall@10 target of the build-time tuning")
@@ -419,8 +478,8 @@ def main() -> None:
 
     import faiss
 
-    texts, keys, sources = passage_set()
-    vectors, encode_seconds = encode_cached(texts, args.encode_minutes, args.batch_size)
+    texts, keys, sources = passage_set(args.docstrings, args.longest)
+    vectors, encode_seconds = encode_cached(texts, args.encode_minutes, args.batch_size, args.encode_device)
     print(f"{len(vectors)} of {len(texts)} windows encoded in {encode_seconds / 60:.1f} min", file=sys.stderr)
     if args.encode_only:
         return
@@ -440,7 +499,9 @@ def main() -> None:
             "windows_by_source": sources,
             "encoded": len(vectors),
             "encode_minutes": round(encode_seconds / 60, 1),
-            "encoder": "minilm, ONNX Runtime, CPU",
+            "encoder": "minilm, ONNX Runtime, CPU"
+            if args.encode_device == "cpu"
+            else f"minilm, torch, {args.encode_device}",
         },
         "real": real_section(vectors, texts, keys, args.held_out, types, args.recall),
     }
