@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from indexer.onnx_backend import FFN_DOWN_MATMULS
 from storage.errors import InvalidInputError
@@ -68,8 +68,18 @@ class EncoderSettings(_Section):
     compile: str = Field(
         "off",
         description="torch backend: 'off', or a torch.compile backend ('inductor', ...) that compiles the "
-        "transformer's forward once for every batch shape (dynamic shapes) and warms it up at load",
+        "transformer's forward once for every batch shape (dynamic shapes) and warms it up at load; "
+        "YAML's bare off/on (booleans) mean off/inductor",
     )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value):
+        """YAML 1.1 reads a bare ``off`` as False and ``on`` as True: take them as meant."""
+        if isinstance(value, bool):
+            return "inductor" if value else "off"
+        return value
+
     int8_keep_fp32: list[str] = Field(
         default_factory=lambda: list(FFN_DOWN_MATMULS),
         description="onnx-int8: regular expressions naming the graph's MatMul nodes kept in fp32 (default: the FFN "

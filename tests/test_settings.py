@@ -71,3 +71,11 @@ def test_unknown_keys_are_named(tmp_path, source, key):
 def test_bad_values_name_the_key():
     with pytest.raises(InvalidInputError, match="encoder.prompt_type"):
         load_settings(cli={"encoder": {"prompt_type": "p2p"}}, environ={})
+
+
+@pytest.mark.parametrize(("written", "meant"), [("off", "off"), ("on", "inductor"), ("aot_eager", "aot_eager")])
+def test_yaml_bare_off_and_on_for_compile_mean_what_they_say(tmp_path, written, meant):
+    """YAML 1.1 reads bare off/on as booleans; encoder.compile takes them as off and the default backend."""
+    config = tmp_path / "s.yaml"
+    config.write_text(f"encoder:\n  compile: {written}\n")
+    assert load_settings(config, environ={}).encoder.compile == meant
