@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 # texts tokenised at once by a token-budget encode (each window padded to its longest: 4096 x 512 int64 x 3 is
 # 50 MB); batches are length-sorted within a window
 TOKENISE_WINDOW = 4096
-# CUDA batches stop growing where padding would pass 3%, once they hold 4,096 real tokens (a batch of that many
-# tokens keeps the H100 near its large-batch rate: 45% MFU at 16 x 512 against 49% at 128 x 512, ../shared/gpu).
+# CUDA batches stop growing where padding would pass 3%, once they hold 4,096 real tokens. The GPU page measured
+# 8,192-token batches (16 x 512) at 45% MFU against 49% at 128 x 512; 4,096 is not measured yet (bench_gpu's
+# real-length rows will show whether small batches cost more than the padding they save; 8,192 pads 5.2%).
 # Simulated on the chunked corpora with MiniLM's tokenizer, 2,000 documents, budget 128 x 512: padding 23.9% ->
 # 3.8% on msmarco, 6.3% -> 2.8% on scifact. The CPU (ONNX) cut is left as it is: int8 activation scales are
 # per batch, so a new cut there would need its quality measured again.
@@ -173,14 +174,24 @@ class Encoder:
 
         settings = settings or Settings()
         profile = resolve_profile(model or settings.encoder.model)
+        requested_backend = settings.encoder.backend
         if settings.encoder.backend == "auto":
             settings = settings.model_copy(deep=True)
             settings.encoder.backend = resolve_backend(settings, profile)
         if settings.encoder.compile != "off" and settings.encoder.backend != "torch":
-            raise InvalidInputError(
-                f"encoder.compile applies to the torch backend, not {settings.encoder.backend!r} (ONNX Runtime): "
-                "set encoder.backend to torch, or compile to off"
+            if requested_backend != "auto":
+                raise InvalidInputError(
+                    f"encoder.compile applies to the torch backend, not {settings.encoder.backend!r} (ONNX "
+                    "Runtime): set encoder.backend to torch, or compile to off"
+                )
+            # one config for GPU and CPU machines: auto picked ONNX Runtime here, which has nothing to compile
+            log.info(
+                "encoder.compile %s skipped: backend auto is %s here",
+                settings.encoder.compile,
+                settings.encoder.backend,
             )
+            settings = settings.model_copy(deep=True)
+            settings.encoder.compile = "off"
         folder = model_folder(profile)
         device = resolve_device(settings.processing.device)
         config_kwargs = dict(profile.cpu_config_kwargs) if not _xformers_on(device) else {}
@@ -222,9 +233,11 @@ class Encoder:
 
         Length-sorted token-budget batches change shape from batch to batch, so the forward is compiled with
         symbolic batch and sequence sizes: one compilation serves them all, plus one for single-text batches
-        (torch specialises on size 1), which the warm-up also triggers, so that no request waits for a compile.
-        On the GPU machine compiling the 1.5B shape's forward took 39 s and lifted it from 47% to 62% MFU
-        (../shared/gpu/README.md); ``scripts/bench_gpu.py`` measures this path end to end.
+        (torch specialises on size 1), which the warm-up also triggers, so that the first request after a load
+        does not wait for a compile (every load compiles again). On the GPU machine a static-shape compile of the
+        1.5B shape's causal forward alone took 39 s and lifted it from 47% to 62% MFU (../shared/gpu/README.md);
+        this path (dynamic shapes, bidirectional, end to end) is what ``scripts/bench_gpu.py``'s compiled rows
+        measure, not yet run.
         """
         import torch
 

@@ -69,15 +69,20 @@ class EncoderSettings(_Section):
         "off",
         description="torch backend: 'off', or a torch.compile backend ('inductor', ...) that compiles the "
         "transformer's forward once for every batch shape (dynamic shapes) and warms it up at load; "
-        "YAML's bare off/on (booleans) mean off/inductor",
+        "on/true/yes mean inductor, off/false/no mean off",
     )
 
     @field_validator("compile", mode="before")
     @classmethod
     def _compile_switch(cls, value):
-        """YAML 1.1 reads a bare ``off`` as False and ``on`` as True: take them as meant."""
+        """YAML 1.1 reads a bare ``off`` as False and ``on`` as True, environment variables give strings: on, true
+        and yes mean the default backend (inductor); off, false and no mean off."""
         if isinstance(value, bool):
             return "inductor" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in ("on", "true", "yes", "1"):
+            return "inductor"
+        if isinstance(value, str) and value.strip().lower() in ("off", "false", "no", "0", ""):
+            return "off"
         return value
 
     int8_keep_fp32: list[str] = Field(

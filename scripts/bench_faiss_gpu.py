@@ -21,8 +21,11 @@ encodes on the GPU) and the queries are the 383 real queries of the shared sets.
 Every step runs in its own try block: a failure is recorded with its exception and the run goes on. Without a GPU
 the GPU steps are recorded as skipped and the rest runs on CPU indexes (a smoke run).
 
-    python scripts/bench_faiss_gpu.py --out scripts/results/bench_faiss_gpu.json                # GPU machine
-    python scripts/bench_faiss_gpu.py --limit 4000 --out /tmp/faiss-smoke.json                  # smoke, CPU
+    python scripts/bench_faiss_gpu.py --docstrings --longest 5 --encode-minutes 8 \
+        --out scripts/results/bench_faiss_gpu.json                       # GPU machine (encodes on CUDA there)
+    python scripts/bench_faiss_gpu.py --limit 4000 --out /tmp/faiss-smoke.json   # smoke, CPU
+
+The JSON is rewritten after every step, so a run cut off by the device's 10-minute limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -74,20 +77,22 @@ def batched_qps(search, queries: np.ndarray, repeat: int = 5) -> float:
     return round(repeat * len(queries) / (time.perf_counter() - started), 1)
 
 
-def step(result: dict, name: str, fn) -> None:
-    """Run one step; its outcome, or the exception that stopped it, goes into ``result[name]``."""
+def step(result: dict, name: str, fn, out: Path) -> None:
+    """Run one step; its outcome, or the exception that stopped it, goes into ``result[name]``, written to ``out``."""
     started = time.perf_counter()
     try:
         result[name] = fn()
     except Exception as exc:  # a failing step is a finding: record it and go on
         result[name] = {"failed": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
     print(f"{name}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encode-minutes", type=float, default=20.0)
-    parser.add_argument("--encode-device", default="cpu", help="cpu (ONNX Runtime) or cuda (torch, bf16)")
+    parser.add_argument("--encode-device", default=None, help="cpu (ONNX) or cuda (torch, bf16); default: cuda if any")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--docstrings", action="store_true", help="bench_scale's --docstrings")
     parser.add_argument("--longest", type=int, default=3, help="bench_scale's --longest")
@@ -99,9 +104,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import faiss
+    import torch
 
     from storage.vector_index import VectorIndex, auto_nlist, gpu_count
 
+    if args.encode_device is None:
+        args.encode_device = "cuda" if torch.cuda.is_available() else "cpu"
     texts, _, sources = passage_set(args.docstrings, args.longest)
     if args.limit:
         texts = texts[: args.limit]
@@ -273,14 +281,15 @@ def main() -> None:
                 out[f"use_cuvs_{use_cuvs}"] = {"failed": f"{type(exc).__name__}: {exc}"}
         return out
 
-    step(result, "flat", flat)
-    step(result, "ivf_flat", ivf("Flat"))
-    step(result, "ivf_sq8", ivf("SQ8"))
-    step(result, "cagra", cagra)
-    step(result, "filtered", filtered)
-    step(result, "selector_probe", selector_probe)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, fn in [
+        ("flat", flat),
+        ("ivf_flat", ivf("Flat")),
+        ("ivf_sq8", ivf("SQ8")),
+        ("cagra", cagra),
+        ("filtered", filtered),
+        ("selector_probe", selector_probe),
+    ]:
+        step(result, name, fn, args.out)
     print(json.dumps(result, indent=2))
 
 

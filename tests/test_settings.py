@@ -79,3 +79,9 @@ def test_yaml_bare_off_and_on_for_compile_mean_what_they_say(tmp_path, written, 
     config = tmp_path / "s.yaml"
     config.write_text(f"encoder:\n  compile: {written}\n")
     assert load_settings(config, environ={}).encoder.compile == meant
+
+
+@pytest.mark.parametrize(("value", "meant"), [("on", "inductor"), ("TRUE", "inductor"), ("no", "off")])
+def test_compile_switch_words_from_the_environment(value, meant):
+    settings = load_settings(environ={"STELLA_SEARCH_ENCODER__COMPILE": value})
+    assert settings.encoder.compile == meant

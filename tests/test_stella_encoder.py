@@ -195,9 +195,18 @@ def test_a_compiled_forward_gives_the_eager_vectors_for_every_batch_shape(tiny_s
     compiled = load(tiny_stella, backend="torch", compile="aot_eager")
     assert counters["stats"]["unique_graphs"] > graphs_before  # the forward really went through TorchDynamo
     assert compiled.compile_seconds > 0 and compiled.stats.texts == 0  # the warm-up is not counted
+    after_warm_up = counters["stats"]["unique_graphs"]
     texts = [f"passage {i} about vector search " * (1 + i % 7) for i in range(11)]
     np.testing.assert_allclose(compiled.encode_passages(texts), eager.encode_passages(texts), atol=1e-5)
     np.testing.assert_allclose(compiled.encode_queries(texts[:1]), eager.encode_queries(texts[:1]), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == after_warm_up  # new shapes, no new compilation
+
+
+def test_compile_with_backend_auto_is_skipped_where_auto_picks_onnx():
+    """One config for GPU and CPU machines: on the CPU, auto picks ONNX Runtime for MiniLM, which has nothing to
+    compile, so compile is skipped there rather than refused."""
+    encoder = Encoder.load("minilm", cpu_settings(backend="auto", compile="inductor"))
+    assert encoder.settings.encoder.backend == "onnx-int8" and encoder.settings.encoder.compile == "off"
 
 
 def test_compile_settings_that_cannot_work_are_refused(tiny_stella):
