@@ -462,14 +462,9 @@ class Encoder:
         budget = budget or self.settings.encoder.max_batch_tokens
         if self.device.startswith("cuda"):
             return padding_capped_batches(lengths, budget, CUDA_MIN_BATCH_TOKENS, CUDA_MAX_PADDING)
-        order = np.argsort(-lengths, kind="stable")
-        batches = []
-        start = 0
-        while start < len(order):
-            size = max(1, budget // max(1, int(lengths[order[start]])))  # the first, longest text sets the padding
-            batches.append(order[start : start + size])
-            start += size
-        return batches
+        # ONNX: every batch filled to the budget (a batch never holds `budget` real tokens before it is full, so
+        # the cap never applies): the cut int8's quality was measured with
+        return padding_capped_batches(lengths, budget, min_tokens=budget, max_padding=0.0)
 
     def _token_lengths(self, texts: list[str], prompt: str | None) -> list[int]:
         prefixed = [(prompt or "") + t for t in texts]

@@ -43,6 +43,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+COMPILE_SWITCH_WORDS = {word: "inductor" for word in ("on", "true", "yes", "1")} | {
+    word: "off" for word in ("off", "false", "no", "0", "")
+}
+
+
 class EncoderSettings(_Section):
     model: str = Field("stella-1.5b", description="profile (stella-1.5b, stella-400m, minilm) or a model folder")
     batch_size: int = Field(16, ge=1, le=4096)
@@ -79,11 +84,7 @@ class EncoderSettings(_Section):
         and yes mean the default backend (inductor); off, false and no mean off."""
         if isinstance(value, bool):
             return "inductor" if value else "off"
-        if isinstance(value, str) and value.strip().lower() in ("on", "true", "yes", "1"):
-            return "inductor"
-        if isinstance(value, str) and value.strip().lower() in ("off", "false", "no", "0", ""):
-            return "off"
-        return value
+        return COMPILE_SWITCH_WORDS.get(value.strip().lower(), value) if isinstance(value, str) else value
 
     int8_keep_fp32: list[str] = Field(
         default_factory=lambda: list(FFN_DOWN_MATMULS),

@@ -44,29 +44,27 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_scale import ROOT, SHARED_DATA, encode_cached, load_encoder, passage_set, real_queries  # noqa: E402
+from bench_scale import (  # noqa: E402
+    ROOT,
+    SHARED_DATA,
+    encode_cached,
+    latencies_ms,
+    load_encoder,
+    passage_set,
+    real_queries,
+    timing,
+)
 
 sys.path.insert(0, str(ROOT))
 
 K = 10
 
 
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
-
-
 def batch1_ms(search, queries: np.ndarray) -> tuple[dict, np.ndarray]:
-    """Per-query latency of ``search(q, K)`` one query at a time, and the ids found."""
-    search(queries[:1], K)  # warm-up
-    times, found = [], []
-    for q in queries:
-        started = time.perf_counter()
-        ids = search(q[None, :], K)[1]
-        times.append((time.perf_counter() - started) * 1000)
-        found.append(ids[0])
-    ms = np.array(times)
-    timing = {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
-    return timing, np.array(found)
+    """Per-query p50/p99 of ``search(q, K)`` one query at a time (bench_scale's loop), and the ids found."""
+    ms, found = latencies_ms(search, queries)
+    measured = timing(ms)
+    return {"p50_ms": measured["p50_ms"], "p99_ms": measured["p99_ms"]}, found
 
 
 def batched_qps(search, queries: np.ndarray, repeat: int = 5) -> float:
@@ -106,7 +104,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from storage.vector_index import VectorIndex, auto_nlist, gpu_count
+    from storage.vector_index import VectorIndex, auto_nlist, gpu_count, recall_at_k
 
     if args.encode_device is None:
         args.encode_device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,7 +149,7 @@ def main() -> None:
             "on_gpu": index.on_gpu,
             "build_and_copy_s": round(build_s, 2),
             "identical_top10_share": float(np.mean([(f == t).all() for f, t in zip(found, truth)])),
-            "recall_at_10": recall(found, truth),
+            "recall_at_10": recall_at_k(found, truth),
             "batch1": timing,
             "batched_qps": batched_qps(index.search, queries),
             "cpu_exact_batch1": batch1_ms(exact.search, queries)[0],
@@ -190,7 +188,7 @@ def main() -> None:
                 sweep.append(
                     {
                         "nprobe": nprobe,
-                        "recall_at_10": recall(found, truth),
+                        "recall_at_10": recall_at_k(found, truth),
                         **timing,
                         "qps": batched_qps(search, queries),
                     }
@@ -230,7 +228,7 @@ def main() -> None:
             sweep.append(
                 {
                     "itopk_size": itopk,
-                    "recall_at_10": recall(found, truth),
+                    "recall_at_10": recall_at_k(found, truth),
                     **timing,
                     "qps": batched_qps(search, queries),
                 }
