@@ -20,6 +20,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -414,23 +416,39 @@ class Encoder:
         the order of ``out`` is the order of ``texts``. Each window of texts is tokenised once, padded to its
         longest, and each batch is cut from it at its own longest length. On CUDA out-of-memory the budget
         halves and the window's remaining texts are cut again.
+
+        torch (CUDA): the next window is tokenised on another thread, into pinned memory, while this one runs;
+        the window's tokens are copied to the device once and batches are cut there; vectors stay on the device
+        until the window ends, so the host queues the next batch while the GPU computes this one and waits
+        once per window instead of once per batch.
         """
         import torch
 
+        on_device = self._onnx is None
+        device = self.model.device if on_device else None
         left = self.tokenizer.padding_side == "left"
-        for first in range(0, len(texts), TOKENISE_WINDOW):
-            window = texts[first : first + TOKENISE_WINDOW]
-            features = self.model.preprocess(window, prompt=prompt)
+        for first, features in self._tokenised_windows(texts, prompt, ahead=self.device.startswith("cuda")):
             mask = features["attention_mask"]
             lengths = mask.sum(dim=1).numpy()
+            n = mask.shape[0]
+            if on_device:
+                features = {
+                    name: value.to(device, non_blocking=True) if _per_text(value, n) else value
+                    for name, value in features.items()
+                }
+                vectors = torch.empty((n, self.dim), dtype=torch.float32, device=device)
             pending = self._budget_batches(lengths, budget)
             while pending:
                 idx = pending[0]
                 width = int(lengths[idx].max())
                 columns = slice(mask.shape[1] - width, None) if left else slice(0, width)
-                batch = {name: _rows(value, idx, columns, len(window)) for name, value in features.items()}
+                rows = torch.from_numpy(idx).to(device, non_blocking=True) if on_device else idx
+                batch = {name: _rows(value, rows, columns, n) for name, value in features.items()}
                 try:
-                    out[first + idx] = self._embed(batch, bulk=True)
+                    if on_device:
+                        vectors[rows] = self._forward(batch)
+                    else:
+                        out[first + idx] = self._embed(batch, bulk=True)
                     out_of_memory = False
                 except torch.cuda.OutOfMemoryError:
                     if len(idx) == 1:
@@ -446,8 +464,40 @@ class Encoder:
                     rest = np.concatenate(pending)
                     pending = [rest[b] for b in self._budget_batches(lengths[rest], budget)]
                     continue
+                if on_device:  # _embed counts the host path's tokens
+                    self.stats.tokens += int(lengths[idx].sum())
+                    self.stats.padded_tokens += len(idx) * width
                 pending.pop(0)
                 self._batch_done(bulk=True)
+            if on_device:
+                out[first : first + n] = vectors.cpu().numpy()  # the one wait for the GPU per window
+
+    def _tokenised_windows(self, texts: list[str], prompt: str | None, ahead: bool) -> Iterator[tuple[int, dict]]:
+        """``(first, features)`` for each window of ``TOKENISE_WINDOW`` texts; with ``ahead``, the next window is
+        tokenised (and on CUDA pinned) on a worker thread while the caller encodes this one. The fast
+        tokenizer releases the GIL; on a GPU that would otherwise wait for every window's tokenisation."""
+        import torch
+
+        pin = ahead and self.device.startswith("cuda")
+
+        def tokenise(first: int) -> dict:
+            features = self.model.preprocess(texts[first : first + TOKENISE_WINDOW], prompt=prompt)
+            if pin:
+                features = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+            return features
+
+        starts = range(0, len(texts), TOKENISE_WINDOW)
+        if not ahead or len(starts) == 1:
+            for first in starts:
+                yield first, tokenise(first)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="encode-tokenise") as worker:
+            upcoming = worker.submit(tokenise, starts[0])
+            for i, first in enumerate(starts):
+                features = upcoming.result()
+                if i + 1 < len(starts):
+                    upcoming = worker.submit(tokenise, starts[i + 1])
+                yield first, features
 
     def token_budget_batches(self, texts: list[str], prompt: str | None = None) -> list[np.ndarray]:
         """Indices into ``texts``, longest first, cut into batches of at most ``max_batch_tokens`` padded tokens.
@@ -489,7 +539,8 @@ class Encoder:
             gc.collect()
 
     def _embed(self, features: dict, bulk: bool) -> np.ndarray:
-        """One forward pass over tokenised ``features``; the head's truncation and normalisation applied."""
+        """One forward pass over tokenised ``features`` on the host; the head's truncation and normalisation
+        applied; the vectors as float32 on the host."""
         import torch
         from sentence_transformers.util import batch_to_device
 
@@ -498,18 +549,31 @@ class Encoder:
         if self._onnx is not None:
             forward = self._onnx_bulk if bulk else self._onnx
             with self._forward_lock:
-                embeddings = torch.from_numpy(forward(features))
+                raw = forward(features)
+            embeddings = self._finish(torch.from_numpy(raw))
         else:
-            features = batch_to_device(features, self.model.device)
-            with self._forward_lock, torch.inference_mode():
-                embeddings = self.model(features)["sentence_embedding"]
+            embeddings = self._forward(batch_to_device(features, self.model.device))
         self.stats.tokens += counts[0]  # a batch that ran out of memory is not counted
         self.stats.padded_tokens += counts[1]
+        return embeddings.cpu().numpy()
+
+    def _forward(self, features: dict):
+        """The torch model on ``features`` already on its device; the vectors stay there (float32)."""
+        import torch
+
+        with self._forward_lock, torch.inference_mode():
+            return self._finish(self.model(features)["sentence_embedding"])
+
+    def _finish(self, embeddings):
+        """The head's truncation (a dim with no head of its own) and normalisation, in float32."""
+        import torch
+
         if self.head.truncate:
             embeddings = embeddings[:, : self.head.dim]
+        embeddings = embeddings.float()
         if self.settings.encoder.normalize_embeddings:
-            embeddings = torch.nn.functional.normalize(embeddings.float(), p=2, dim=1)
-        return embeddings.float().cpu().numpy()
+            embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+        return embeddings
 
 
 def padding_capped_batches(lengths: np.ndarray, budget: int, min_tokens: int, max_padding: float) -> list[np.ndarray]:
@@ -539,9 +603,15 @@ def padding_capped_batches(lengths: np.ndarray, budget: int, min_tokens: int, ma
     return batches
 
 
-def _rows(value, idx: np.ndarray, columns: slice, texts: int):
+def _per_text(value, texts: int) -> bool:
+    """Whether a tokenised feature holds a row per text (ids, masks), not a scalar (``prompt_length``)."""
+    return getattr(value, "ndim", 0) in (1, 2) and value.shape[0] == texts
+
+
+def _rows(value, idx, columns: slice, texts: int):
     """A batch's part of one tokenised feature: token tensors cut to its rows and width, per-text vectors to its
-    rows, anything else (``prompt_length``) as it is."""
+    rows, anything else (``prompt_length``) as it is. ``idx``: numpy on the host, a tensor on the feature's
+    device."""
     ndim = getattr(value, "ndim", 0)
     if ndim == 2 and value.shape[0] == texts:
         return value[idx][:, columns]

@@ -125,6 +125,44 @@ def test_outputs_are_normalised_and_batches_do_not_change_them(tiny_stella):
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
 
 
+def test_the_device_side_token_budget_path_gives_the_fixed_batch_vectors(tiny_stella, monkeypatch):
+    """The CUDA bulk path, run on the CPU: windows tokenised ahead on a worker thread, each window's tokens moved to
+    the device once and batches cut there, vectors gathered there and copied back once per window. Windows of 4
+    texts and a 64-token budget make several windows of several batches; every vector lands in its text's row,
+    equal to the seed-style fixed batches', and the token counts are the batches' own."""
+    import threading
+
+    import indexer.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "TOKENISE_WINDOW", 4)
+    encoder = load(tiny_stella, dim=768, backend="torch", batch_size=3)
+    texts = [f"passage {i} about vector search " * (1 + (i * 5) % 7) for i in range(11)]
+    fixed = encoder.encode_passages(texts)  # torch on the CPU: fixed batches of 3, transferred per batch
+
+    threads = set()
+    preprocess = encoder.model.preprocess
+
+    def recording(*args, **kwargs):  # the real tokenizer, noting which thread calls it
+        threads.add(threading.current_thread().name)
+        return preprocess(*args, **kwargs)
+
+    monkeypatch.setattr(encoder.model, "preprocess", recording)
+    windows = list(encoder._tokenised_windows(texts, None, ahead=True))
+    assert [first for first, _ in windows] == [0, 4, 8] and all(n.startswith("encode-tokenise") for n in threads)
+    ahead_ids = torch.cat([f["input_ids"].flatten() for _, f in windows])
+    inline_ids = torch.cat([f["input_ids"].flatten() for _, f in encoder._tokenised_windows(texts, None, False)])
+    assert torch.equal(ahead_ids, inline_ids)
+
+    lengths = [len(ids) for ids in encoder.tokenizer(texts)["input_ids"]]
+    before = (encoder.stats.tokens, encoder.stats.padded_tokens, encoder.stats.batches)
+    out = np.zeros((len(texts), encoder.dim), dtype="float32")
+    encoder._encode_by_token_budget(texts, None, out, budget=64)
+    np.testing.assert_allclose(out, fixed, atol=1e-5)
+    assert encoder.stats.batches - before[2] > len(windows)  # several batches per window
+    assert encoder.stats.tokens - before[0] == sum(lengths)
+    assert sum(lengths) < encoder.stats.padded_tokens - before[1] <= (encoder.stats.batches - before[2]) * 64
+
+
 def test_a_dim_above_every_head_is_refused(tiny_stella):
     with pytest.raises(InvalidInputError, match=r"--dim 9000 is not available.*\[256, 768, 1024\]"):
         load(tiny_stella, dim=9000)
