@@ -9,6 +9,12 @@ client sharing the machine with the servers (2 cores here), which the JSON recor
 
     python scripts/bench_api.py --docs 2000 --seconds 5 --rounds 4 --out scripts/results/bench_api.json
     python scripts/bench_api.py --backend auto --seed-server --out scripts/results/bench_api_default.json
+
+On the GPU machine (item 3's single-query p50 through HTTP with the Stella-1.5B shape): ``--shape 1.5b --device
+cuda`` builds the full-size random-weight Stella-1.5B-shaped folder (its byte-level BPE trained on the indexed
+documents) into ``--model-dir`` (kept; an existing folder is reused, e.g. the one bench_gpu.py built), indexes
+the documents with it on the GPU and serves it from there. ``--data`` names the BEIR folders when
+``../shared/data`` is not there (``.carry/data`` from scripts/gpu_wheels.sh).
 """
 
 from __future__ import annotations
@@ -44,12 +50,33 @@ def percentiles(samples_s: list[float]) -> dict:
     }
 
 
-def load_queries() -> list[str]:
+def load_queries(data: Path = SHARED) -> list[str]:
+    """The real queries of msmarco, scifact and dbpedia (those of them ``data`` holds)."""
     queries = []
     for name in ("msmarco", "scifact", "dbpedia"):
-        with open(SHARED / name / "queries.jsonl", encoding="utf-8") as f:
-            queries += [json.loads(line)["text"] for line in f if line.strip()]
+        path = data / name / "queries.jsonl"
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                queries += [json.loads(line)["text"] for line in f if line.strip()]
+    if not queries:
+        raise SystemExit(f"no queries.jsonl under {data}/{{msmarco,scifact,dbpedia}}")
     return queries
+
+
+def shaped_model(shape: str, folder: Path | None, texts: list[str], scratch: Path) -> Path:
+    """A Stella-1.5B-shaped random-weight folder (``shape`` 1.5b: full size; tiny: the tests' size), its BPE
+    trained on ``texts``; kept in ``folder`` when given, and reused from there when already built."""
+    if folder is not None and (folder / "modules.json").exists():
+        return folder
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from stella_shaped import FULL_1_5B, build_stella_shaped
+
+    return build_stella_shaped(
+        folder or scratch / f"stella-{shape}",
+        tokenizer_texts=texts,
+        tokenizer_vocab=32000,
+        **(FULL_1_5B if shape == "1.5b" else {}),
+    )
 
 
 def free_port() -> int:
@@ -140,6 +167,11 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--backend", default="torch", help="the query encoder of both servers")
+    parser.add_argument("--model", default="minilm", help="model name or folder (default: the embedded MiniLM)")
+    parser.add_argument("--shape", choices=["1.5b", "tiny"], help="serve a Stella-1.5B-shaped random-weight model")
+    parser.add_argument("--model-dir", type=Path, help="where --shape keeps (or finds) its folder")
+    parser.add_argument("--device", default="cpu", help="the servers' and the in-process encoder's device")
+    parser.add_argument("--data", type=Path, default=SHARED, help="folder of the BEIR corpora (msmarco, ...)")
     parser.add_argument(
         "--seed-server",
         action="store_true",
@@ -154,19 +186,22 @@ def main() -> None:
     from indexer.sources import read_documents
     from storage.collection import Collection
 
-    queries = load_queries()
-    settings = load_settings(
-        cli={"encoder": {"model": "minilm", "backend": args.backend}, "processing": {"device": "cpu"}}
-    )
+    queries = load_queries(args.data)
     with tempfile.TemporaryDirectory() as tmp:
+        documents = list(read_documents(args.data / "msmarco" / "corpus.jsonl"))[: args.docs]
+        if args.shape:
+            texts = [d.text for d in documents]
+            args.model = str(shaped_model(args.shape, args.model_dir, texts, Path(tmp)))
+        settings = load_settings(
+            cli={"encoder": {"model": args.model, "backend": args.backend}, "processing": {"device": args.device}}
+        )
         data_dir = Path(tmp) / "data"
         # fp32 passages (torch writes them), so that every server's --backend is what encodes its queries: on an
         # int8 collection a torch server would encode with onnx-int8's session (queries are fp32 either way)
         fp32 = settings.model_copy(deep=True)
         fp32.encoder.backend = "torch"
-        encoder = Encoder.load("minilm", fp32)
+        encoder = Encoder.load(args.model, fp32)
         collection = Collection.create(data_dir / "default", encoder.manifest())
-        documents = list(read_documents(SHARED / "msmarco" / "corpus.jsonl"))[: args.docs]
         ingest_documents(collection, encoder, documents, fp32, quiet=True)
         encoder = encoder_for_collection(collection, settings)
         configure_search_threads(settings)  # as the server does
@@ -180,14 +215,16 @@ def main() -> None:
             in_process.append(time.perf_counter() - started)
         collection.close()
         del encoder
+        _release_gpu_memory(args.device)
         servers = measure_servers(Path(tmp), data_dir, queries, args)
 
     single_local = percentiles(in_process)
     unbatched, batched = servers["unbatched"], servers["microbatched"]
     result = {
         "benchmark": "api",
-        "model": "minilm",
+        "model": args.shape and f"stella-{args.shape}-shaped (random weights)" or args.model,
         "backend": args.backend,
+        "device": _device_name(args.device),
         "documents": args.docs,
         "k": args.k,
         "machine": {
@@ -214,6 +251,25 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
+def _release_gpu_memory(device: str) -> None:
+    """The in-process encoder's GPU memory back before the servers load their own copies."""
+    if device.startswith("cuda"):
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
 def rps_ratios(server: dict, baseline: dict) -> dict[str, float]:
     """requests/s of ``server`` over ``baseline``'s, per concurrency level."""
     base = {level["clients"]: level["requests_per_s"] for level in baseline["concurrency"]}
@@ -227,16 +283,18 @@ def p50_ratio(server: dict, baseline: dict) -> float:
     return round(server["single_query"]["p50_ms"] / baseline["single_query"]["p50_ms"], 3)
 
 
-def start_server(data_dir: Path, microbatch: bool, backend: str) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, microbatch: bool, backend: str, device: str = "cpu") -> tuple[subprocess.Popen, str]:
     port = free_port()
     stella = os.path.join(os.path.dirname(sys.executable), "stella-search")
+    # the installed console script, or the CLI module where the project is not installed (the GPU machine)
+    command = [stella] if os.path.exists(stella) else [sys.executable, "-m", "search_api.cli"]
     env = {
         **os.environ,
         "STELLA_SEARCH_SERVER__MICROBATCH": "true" if microbatch else "false",
         "STELLA_SEARCH_ENCODER__BACKEND": backend,
     }
     server = subprocess.Popen(
-        [stella, "serve", "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu"],
+        [*command, "serve", "--data-dir", str(data_dir), "--port", str(port), "--device", device],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -299,9 +357,9 @@ def measure_servers(tmp: Path, data_dir: Path, queries: list[str], args) -> dict
         for name, (microbatch, backend) in modes.items():
             copy = tmp / name
             shutil.copytree(data_dir, copy)
-            running[name] = start_server(copy, microbatch, backend)
+            running[name] = start_server(copy, microbatch, backend, args.device)
         for server, url in running.values():
-            wait_ready(url, server)
+            wait_ready(url, server, seconds=600 if args.device.startswith("cuda") else 120)
         urls = {name: url for name, (_, url) in running.items()}
         singles = asyncio.run(single_queries(urls, queries, args.singles, args.k))
         rounds: dict[str, dict[int, list[dict]]] = {name: {} for name in modes}

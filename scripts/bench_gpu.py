@@ -81,7 +81,9 @@ def timed(fn, device: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["1.5b", "400m", "tiny", "tiny-400m"], default="1.5b")
-    parser.add_argument("--model-dir", type=Path, help="an already built shaped folder (skips building)")
+    parser.add_argument(
+        "--model-dir", type=Path, help="the shaped folder: reused when already built there, else built there and kept"
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument(
         "--corpora",
@@ -122,13 +124,15 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir
-        if folder is None and args.shape.endswith("400m"):  # BERT's WordPiece, as stella_en_400M_v5 has
+        built = folder is not None and (folder / "modules.json").exists()
+        target = folder or Path(tmp) / f"stella-{args.shape}"  # --model-dir not built yet: built there, kept
+        if not built and args.shape.endswith("400m"):  # BERT's WordPiece, as stella_en_400M_v5 has
             shape = FULL_400M if args.shape == "400m" else {}
-            folder = build_stella_400m_shaped(Path(tmp) / f"stella-{args.shape}", **shape)
-        elif folder is None:
+            folder = build_stella_400m_shaped(target, **shape)
+        elif not built:
             shape = FULL_1_5B if args.shape == "1.5b" else {}
             folder = build_stella_shaped(
-                Path(tmp) / f"stella-{args.shape}",
+                target,
                 tokenizer_texts=all_text,
                 tokenizer_vocab=args.tokenizer_vocab,
                 **shape,
