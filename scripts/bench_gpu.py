@@ -13,6 +13,9 @@ cuts it. On the same texts:
 - **Real length distributions**: the passages the project's chunker cuts from each corpus: texts/s against the
   baseline, and the share of computed tokens that were padding (``Encoder.stats``). On CUDA the encoder cuts
   length-sorted batches of up to ``batch_size`` x 512 padded tokens, so ``--batch-sizes`` sets that budget.
+- **The whole ingest** (``ingest``): the same documents through ``ingest_documents`` into a real collection
+  (chunking, encoding at the largest budget, SQLite rows, FAISS add, checkpoint): passages/s, and the overhead
+  over ``encode_passages`` alone.
 - **Compiled** (``--compile``, inductor on CUDA): the same two measurements again with ``encoder.compile``
   (``torch.compile`` of the transformer's forward with dynamic shapes, compiled and warmed up at load; the
   ``project_compiled`` rows and the compile time).
@@ -113,7 +116,9 @@ def main() -> None:
 
     from indexer.chunking import Chunker, text_to_encode
     from indexer.encoder import Encoder, _xformers_on
+    from indexer.pipeline import ingest_documents
     from indexer.settings import load_settings
+    from storage.collection import Collection
 
     from stella_shaped import FULL_1_5B, FULL_400M, build_stella_400m_shaped, build_stella_shaped
 
@@ -245,6 +250,25 @@ def main() -> None:
                         "padding_fraction": round(1 - real_tokens / computed, 4),
                         "vs_baseline": round(baseline_s / seconds, 2),
                     }
+            # the whole ingest: the same documents chunked, encoded (eager, largest budget), written to a real
+            # collection (SQLite rows, FAISS add, checkpoint), against encode_passages alone at that budget
+            enc = encoder(batch_sizes[-1])
+            collection = Collection.create(Path(tmp) / f"ingest-{name}", enc.manifest())
+            try:
+                started_ingest = time.perf_counter()  # the vectors are on the host when it returns
+                written = ingest_documents(collection, enc, documents, enc.settings, quiet=True).passages_written
+                seconds = time.perf_counter() - started_ingest
+            finally:
+                collection.close()
+            encode_s = len(texts) / entry["project"][str(batch_sizes[-1])]["texts_per_s"]
+            entry["ingest"] = {
+                "batch_size": batch_sizes[-1],
+                "passages_written": written,
+                "seconds": round(seconds, 3),
+                "passages_per_s": round(written / seconds, 1),
+                "vs_baseline_encode_alone": round(baseline_s / seconds, 2),
+                "overhead_vs_encode_alone": round(seconds / encode_s - 1, 4),
+            }
             real.append(entry)
 
         # -- forced out-of-memory --------------------------------------------------------------------------------
