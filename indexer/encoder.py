@@ -11,6 +11,7 @@ model's own ``config_sentence_transformers.json``; a model without them (MiniLM)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
@@ -422,55 +423,64 @@ class Encoder:
         until the window ends, so the host queues the next batch while the GPU computes this one and waits
         once per window instead of once per batch.
         """
+        # closed on the way out, also on an error: the worker thread does not outlive the call
+        windows = contextlib.closing(self._tokenised_windows(texts, prompt, ahead=self.device.startswith("cuda")))
+        with windows as tokenised:
+            for first, features in tokenised:
+                budget = self._encode_window(first, features, out, budget)
+
+    def _encode_window(self, first: int, features: dict, out: np.ndarray, budget: int) -> int:
+        """One tokenised window's texts into ``out[first:]``, in batches of at most ``budget`` padded tokens;
+        the budget it ended with (halved on each CUDA out-of-memory), for the next window."""
         import torch
 
         on_device = self._onnx is None
         device = self.model.device if on_device else None
         left = self.tokenizer.padding_side == "left"
-        for first, features in self._tokenised_windows(texts, prompt, ahead=self.device.startswith("cuda")):
-            mask = features["attention_mask"]
-            lengths = mask.sum(dim=1).numpy()
-            n = mask.shape[0]
-            if on_device:
-                features = {
-                    name: value.to(device, non_blocking=True) if _per_text(value, n) else value
-                    for name, value in features.items()
-                }
-                vectors = torch.empty((n, self.dim), dtype=torch.float32, device=device)
-            pending = self._budget_batches(lengths, budget)
-            while pending:
-                idx = pending[0]
-                width = int(lengths[idx].max())
-                columns = slice(mask.shape[1] - width, None) if left else slice(0, width)
-                rows = torch.from_numpy(idx).to(device, non_blocking=True) if on_device else idx
-                batch = {name: _rows(value, rows, columns, n) for name, value in features.items()}
-                try:
-                    if on_device:
-                        vectors[rows] = self._forward(batch)
-                    else:
-                        out[first + idx] = self._embed(batch, bulk=True)
-                    out_of_memory = False
-                except torch.cuda.OutOfMemoryError:
-                    if len(idx) == 1:
-                        raise
-                    out_of_memory = True
-                del batch
-                if out_of_memory:  # outside the except block: its traceback no longer pins the failed batch
-                    budget = max(1, budget // 2)
-                    self._cuda_budget_cap = budget  # later calls start where this one backed off to
-                    self.stats.oom_backoffs += 1
-                    torch.cuda.empty_cache()
-                    log.warning("CUDA out of memory: retrying with batches of at most %d tokens", budget)
-                    rest = np.concatenate(pending)
-                    pending = [rest[b] for b in self._budget_batches(lengths[rest], budget)]
-                    continue
-                if on_device:  # _embed counts the host path's tokens
-                    self.stats.tokens += int(lengths[idx].sum())
-                    self.stats.padded_tokens += len(idx) * width
-                pending.pop(0)
-                self._batch_done(bulk=True)
-            if on_device:
-                out[first : first + n] = vectors.cpu().numpy()  # the one wait for the GPU per window
+        mask = features["attention_mask"]
+        lengths = mask.sum(dim=1).numpy()
+        n = mask.shape[0]
+        if on_device:
+            features = {
+                name: value.to(device, non_blocking=True) if _per_text(value, n) else value
+                for name, value in features.items()
+            }
+            vectors = torch.empty((n, self.dim), dtype=torch.float32, device=device)
+        pending = self._budget_batches(lengths, budget)
+        while pending:
+            idx = pending[0]
+            width = int(lengths[idx].max())
+            columns = slice(mask.shape[1] - width, None) if left else slice(0, width)
+            rows = torch.from_numpy(idx).to(device, non_blocking=True) if on_device else idx
+            batch = {name: _rows(value, rows, columns, n) for name, value in features.items()}
+            try:
+                if on_device:
+                    vectors[rows] = self._forward(batch)
+                else:
+                    out[first + idx] = self._embed(batch, bulk=True)
+                out_of_memory = False
+            except torch.cuda.OutOfMemoryError:
+                if len(idx) == 1:
+                    raise
+                out_of_memory = True
+            del batch
+            if out_of_memory:  # outside the except block: its traceback no longer pins the failed batch
+                budget = max(1, budget // 2)
+                self._cuda_budget_cap = budget  # later calls start where this one backed off to
+                self.stats.oom_backoffs += 1
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory: retrying with batches of at most %d tokens", budget)
+                rest = np.concatenate(pending)
+                pending = [rest[b] for b in self._budget_batches(lengths[rest], budget)]
+                continue
+            if on_device:  # _embed counts the host path's tokens
+                self.stats.tokens += int(lengths[idx].sum())
+                self.stats.padded_tokens += len(idx) * width
+            pending.pop(0)
+            self._batch_done(bulk=True)
+        if on_device:
+            out[first : first + n] = vectors.cpu().numpy()  # the one wait for the GPU per window
+        return budget
 
     def _tokenised_windows(self, texts: list[str], prompt: str | None, ahead: bool) -> Iterator[tuple[int, dict]]:
         """``(first, features)`` for each window of ``TOKENISE_WINDOW`` texts; with ``ahead``, the next window is

@@ -152,6 +152,10 @@ def test_the_device_side_token_budget_path_gives_the_fixed_batch_vectors(tiny_st
     ahead_ids = torch.cat([f["input_ids"].flatten() for _, f in windows])
     inline_ids = torch.cat([f["input_ids"].flatten() for _, f in encoder._tokenised_windows(texts, None, False)])
     assert torch.equal(ahead_ids, inline_ids)
+    stopped_early = encoder._tokenised_windows(texts, None, ahead=True)
+    next(stopped_early)
+    stopped_early.close()  # as _encode_by_token_budget's closing() does on an error: the worker goes with it
+    assert not [t for t in threading.enumerate() if t.name.startswith("encode-tokenise")]
 
     lengths = [len(ids) for ids in encoder.tokenizer(texts)["input_ids"]]
     before = (encoder.stats.tokens, encoder.stats.padded_tokens, encoder.stats.batches)
