@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,6 +162,10 @@ class Encoder:
                     model, onnx_dir, self._graph_fingerprint(), threads, int8=self.int8
                 )
         self._cuda_budget_cap = 0  # set by an out-of-memory back-off
+        # CUDA: texts are tokenised on a worker thread ahead of the GPU (see _tokenised_windows, prefetch_passages)
+        self._tokenise_ahead = device.startswith("cuda")
+        self._tokeniser: ThreadPoolExecutor | None = None
+        self._prefetched: tuple[list[str], str | None, Future] | None = None
         self.compile_seconds = 0.0  # compiling and warming up the forward (encoder.compile)
         self._cache = None
         if settings.embedding.cache_embeddings:
@@ -357,7 +361,8 @@ class Encoder:
                 out[i] = vector
             todo = [i for i in todo if i not in cached]
         if todo:
-            vectors = self._encode_uncached([texts[i] for i in todo], prompt, bulk)
+            uncached = texts if len(todo) == len(texts) else [texts[i] for i in todo]  # the caller's list: prefetch
+            vectors = self._encode_uncached(uncached, prompt, bulk)
             out[todo] = vectors
             if cache is not None:
                 cache.put([(prompt or "") + texts[i] for i in todo], vectors)
@@ -418,14 +423,13 @@ class Encoder:
         longest, and each batch is cut from it at its own longest length. On CUDA out-of-memory the budget
         halves and the window's remaining texts are cut again.
 
-        torch (CUDA): the next window is tokenised on another thread, into pinned memory, while this one runs;
-        the window's tokens are copied to the device once and batches are cut there; vectors stay on the device
-        until the window ends, so the host queues the next batch while the GPU computes this one and waits
-        once per window instead of once per batch.
+        torch (CUDA): windows are tokenised on a worker thread, into pinned memory, ahead of the GPU (the next
+        window while this one runs; the first one while the previous call ran, where the caller asked with
+        ``prefetch_passages``); each window's tokens are copied to the device once and its batches cut there; its
+        vectors stay on the device until the window ends, so the encoder itself waits for the GPU once per window
+        (the model's own code may wait more: transformers' eager SDPA mask checks the padding on the host).
         """
-        # closed on the way out, also on an error: the worker thread does not outlive the call
-        windows = contextlib.closing(self._tokenised_windows(texts, prompt, ahead=self.device.startswith("cuda")))
-        with windows as tokenised:
+        with contextlib.closing(self._tokenised_windows(texts, prompt)) as tokenised:
             for first, features in tokenised:
                 budget = self._encode_window(first, features, out, budget)
 
@@ -451,9 +455,10 @@ class Encoder:
             idx = pending[0]
             width = int(lengths[idx].max())
             columns = slice(mask.shape[1] - width, None) if left else slice(0, width)
-            rows = torch.from_numpy(idx).to(device, non_blocking=True) if on_device else idx
-            batch = {name: _rows(value, rows, columns, n) for name, value in features.items()}
-            try:
+            batch = None
+            try:  # the device-side cut allocates too: inside, so that its out-of-memory backs off as well
+                rows = torch.from_numpy(idx).to(device, non_blocking=True) if on_device else idx
+                batch = {name: _rows(value, rows, columns, n) for name, value in features.items()}
                 if on_device:
                     vectors[rows] = self._forward(batch)
                 else:
@@ -482,32 +487,45 @@ class Encoder:
             out[first : first + n] = vectors.cpu().numpy()  # the one wait for the GPU per window
         return budget
 
-    def _tokenised_windows(self, texts: list[str], prompt: str | None, ahead: bool) -> Iterator[tuple[int, dict]]:
-        """``(first, features)`` for each window of ``TOKENISE_WINDOW`` texts; with ``ahead``, the next window is
-        tokenised (and on CUDA pinned) on a worker thread while the caller encodes this one. The fast
-        tokenizer releases the GIL; on a GPU that would otherwise wait for every window's tokenisation."""
+    def prefetch_passages(self, texts: list[str]) -> None:
+        """Start tokenising the first window of ``texts`` for a later ``encode_passages(texts)`` (the same list
+        object) on the encoder's worker thread, where texts are tokenised ahead (CUDA); a no-op elsewhere. The
+        pipelined ingest calls it for the next commit batch while this one encodes, so that a call of fewer
+        texts than one window does not leave the GPU waiting for its tokenisation."""
+        if self._tokenise_ahead and texts:
+            prompt = self.passage_prompt
+            self._prefetched = (texts, prompt, self._tokenise_later(texts, prompt, 0))
+
+    def _tokenise_later(self, texts: list[str], prompt: str | None, first: int) -> Future:
+        if self._tokeniser is None:
+            self._tokeniser = ThreadPoolExecutor(1, thread_name_prefix="encode-tokenise")
+        return self._tokeniser.submit(self._tokenise_window, texts, prompt, first, True)
+
+    def _tokenise_window(self, texts: list[str], prompt: str | None, first: int, pin: bool) -> dict:
         import torch
 
-        pin = ahead and self.device.startswith("cuda")
+        features = self.model.preprocess(texts[first : first + TOKENISE_WINDOW], prompt=prompt)
+        if pin and self.device.startswith("cuda"):  # off the critical path: on the worker only
+            features = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        return features
 
-        def tokenise(first: int) -> dict:
-            features = self.model.preprocess(texts[first : first + TOKENISE_WINDOW], prompt=prompt)
-            if pin:
-                features = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-            return features
-
+    def _tokenised_windows(self, texts: list[str], prompt: str | None) -> Iterator[tuple[int, dict]]:
+        """``(first, features)`` for each window of ``TOKENISE_WINDOW`` texts. Where texts are tokenised ahead,
+        the worker tokenises the next window while the caller encodes this one (the fast tokenizer releases
+        the GIL), and the first comes from ``prefetch_passages`` when it was asked for these texts."""
         starts = range(0, len(texts), TOKENISE_WINDOW)
-        if not ahead or len(starts) == 1:
+        prefetched, self._prefetched = self._prefetched, None
+        upcoming = None
+        if prefetched is not None and prefetched[0] is texts and prefetched[1] == prompt:
+            upcoming = prefetched[2]
+        if not self._tokenise_ahead:
             for first in starts:
-                yield first, tokenise(first)
+                yield first, self._tokenise_window(texts, prompt, first, False)
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="encode-tokenise") as worker:
-            upcoming = worker.submit(tokenise, starts[0])
-            for i, first in enumerate(starts):
-                features = upcoming.result()
-                if i + 1 < len(starts):
-                    upcoming = worker.submit(tokenise, starts[i + 1])
-                yield first, features
+        for i, first in enumerate(starts):
+            features = upcoming.result() if upcoming is not None else self._tokenise_window(texts, prompt, first, False)
+            upcoming = self._tokenise_later(texts, prompt, starts[i + 1]) if i + 1 < len(starts) else None
+            yield first, features
 
     def token_budget_batches(self, texts: list[str], prompt: str | None = None) -> list[np.ndarray]:
         """Indices into ``texts``, longest first, cut into batches of at most ``max_batch_tokens`` padded tokens.
@@ -624,7 +642,8 @@ def _rows(value, idx, columns: slice, texts: int):
     device."""
     ndim = getattr(value, "ndim", 0)
     if ndim == 2 and value.shape[0] == texts:
-        return value[idx][:, columns]
+        # contiguous, as a host-to-device copy makes it: a compiled forward's stride guards saw contiguous inputs
+        return value[idx][:, columns].contiguous()
     if ndim == 1 and value.shape[0] == texts:
         return value[idx]
     return value

@@ -196,6 +196,7 @@ def ingest_documents(
                 if in_flight is not None and not in_flight.ids.isdisjoint(d.id for d in documents_batch):
                     flush()
                 batch = _prepare(documents_batch, collection, chunker, report)
+                encoder.prefetch_passages(batch.texts)  # CUDA: tokenised while the batch in flight encodes
                 if batch.to_encode or batch.metadata_only:
                     batch.encoding = encoding.submit(encoder.encode_passages, batch.texts)
                 flush()

@@ -66,10 +66,15 @@ def load_queries(data: Path = SHARED) -> list[str]:
 def shaped_model(shape: str, folder: Path | None, texts: list[str], scratch: Path) -> Path:
     """A Stella-1.5B-shaped random-weight folder (``shape`` 1.5b: full size; tiny: the tests' size), its BPE
     trained on ``texts``; kept in ``folder`` when given, and reused from there when already built."""
-    if folder is not None and (folder / "modules.json").exists():
-        return folder
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from stella_shaped import FULL_1_5B, build_stella_shaped
+
+    if folder is not None and (folder / "modules.json").exists():
+        config = json.loads((folder / "config.json").read_text())
+        wanted = FULL_1_5B["hidden"] if shape == "1.5b" else 64
+        if config.get("model_type") != "qwen2" or config.get("hidden_size") != wanted:
+            raise SystemExit(f"{folder} holds another model than the {shape} Stella shape; name another --model-dir")
+        return folder
 
     return build_stella_shaped(
         folder or scratch / f"stella-{shape}",
@@ -284,6 +289,7 @@ def p50_ratio(server: dict, baseline: dict) -> float:
 
 
 def start_server(data_dir: Path, microbatch: bool, backend: str, device: str = "cpu") -> tuple[subprocess.Popen, str]:
+    """A `stella-search serve` process on a free loopback port; its output goes to ``<data_dir>.log``."""
     port = free_port()
     stella = os.path.join(os.path.dirname(sys.executable), "stella-search")
     # the installed console script, or the CLI module where the project is not installed (the GPU machine)
@@ -295,15 +301,16 @@ def start_server(data_dir: Path, microbatch: bool, backend: str, device: str = "
     }
     server = subprocess.Popen(
         [*command, "serve", "--data-dir", str(data_dir), "--port", str(port), "--device", device],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=open(f"{data_dir}.log", "wb"),  # noqa: SIM115 - the child holds it; read back if it fails
+        stderr=subprocess.STDOUT,
         env=env,
     )
     return server, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(url: str, server: subprocess.Popen | None = None, seconds: float = 120) -> None:
-    """Until ``url``'s /health says ok; gives up after ``seconds`` or when the ``server`` process exits."""
+def wait_ready(url: str, server: subprocess.Popen | None = None, seconds: float = 120, log: Path | None = None) -> None:
+    """Until ``url``'s /health says ok; gives up after ``seconds`` or when the ``server`` process exits, with the
+    tail of its ``log``."""
     with httpx.Client(base_url=url, timeout=60) as http:
         deadline = time.monotonic() + seconds
         while True:
@@ -313,7 +320,8 @@ def wait_ready(url: str, server: subprocess.Popen | None = None, seconds: float 
             except (httpx.TransportError, ValueError, KeyError):
                 pass
             if time.monotonic() > deadline or (server is not None and server.poll() is not None):
-                raise SystemExit(f"{url} did not come up")
+                tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+                raise SystemExit(f"{url} did not come up\n{tail}")
             time.sleep(0.2)
 
 
@@ -358,8 +366,9 @@ def measure_servers(tmp: Path, data_dir: Path, queries: list[str], args) -> dict
             copy = tmp / name
             shutil.copytree(data_dir, copy)
             running[name] = start_server(copy, microbatch, backend, args.device)
-        for server, url in running.values():
-            wait_ready(url, server, seconds=600 if args.device.startswith("cuda") else 120)
+            # one at a time: servers loading a trust_remote_code folder at once would race on HF's modules cache
+            server, url = running[name]
+            wait_ready(url, server, 600 if args.device.startswith("cuda") else 120, Path(f"{copy}.log"))
         urls = {name: url for name, (_, url) in running.items()}
         singles = asyncio.run(single_queries(urls, queries, args.singles, args.k))
         rounds: dict[str, dict[int, list[dict]]] = {name: {} for name in modes}

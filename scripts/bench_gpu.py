@@ -191,6 +191,47 @@ def main() -> None:
                 out["mfu"] = round(tokens * flops_per_token / seconds / (args.peak_tflops * 1e12), 4)
             return out
 
+        result = {
+            "benchmark": "gpu_ingest",
+            "command": "python scripts/bench_gpu.py " + " ".join(os.sys.argv[1:]),
+            "shape": args.shape,
+            "model": {
+                "hidden": config.hidden_size,
+                "layers": config.num_hidden_layers,
+                "heads": config.num_attention_heads,
+                "kv_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
+                "intermediate": config.intermediate_size,
+                "vocab": config.vocab_size,
+                "head": project.head.label,
+                "attention": type(project.model[0].auto_model).__name__,
+                "dtype": str(next(project.model.parameters()).dtype),
+                "tokenizer_vocab": len(project.tokenizer),
+                "build_seconds": round(build_s, 1),
+            },
+            "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "peak_tflops": args.peak_tflops if cuda else None,
+            "flops_per_token_512": flops_512,
+            "baseline_what": "SentenceTransformer fp32, encode(batch_size=16, normalize_embeddings=True)",
+            "project_what": "Encoder.encode_passages: bf16 on CUDA, length-sorted batches, pooling, head, "
+            "normalise, host copy; project_compiled: the same with encoder.compile (torch.compile of the "
+            "transformer's forward, dynamic shapes); ingest: ingest_documents into a real collection",
+            "fixed_512_tokens": None,
+            "real_lengths": [],
+            "forced_oom": None,
+            "complete": False,
+        }
+
+        def save(done: bool = False) -> None:
+            """The JSON as far as the run got: written after every step, so that a run cut off by the device's
+            10-minute call limit still leaves what it measured."""
+            result["minutes"] = round((time.time() - started) / 60, 1)
+            result["complete"] = done
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+            if done:
+                print(json.dumps(result, indent=2))
+
         # -- 512-token inputs ------------------------------------------------------------------------------------
         vocabulary = sorted({w for text in all_text[:2000] for w in text.split() if w.isalpha()})
         fixed = fixed_length_texts(vocabulary, args.fixed_texts)
@@ -219,6 +260,8 @@ def main() -> None:
         rows = [r for key in ("project", "project_compiled") for r in fixed_result.get(key, {}).values()]
         best = max(rows, key=lambda r: r["texts_per_s"])
         fixed_result["best_vs_baseline"] = round(best["texts_per_s"] / fixed_result["baseline"]["texts_per_s"], 2)
+        result["fixed_512_tokens"] = fixed_result
+        save()
 
         # -- real length distributions ---------------------------------------------------------------------------
         real = []
@@ -270,6 +313,8 @@ def main() -> None:
                 "overhead_vs_encode_alone": round(seconds / encode_s - 1, 4),
             }
             real.append(entry)
+            result["real_lengths"] = real
+            save()
 
         # -- forced out-of-memory --------------------------------------------------------------------------------
         oom = None
@@ -306,40 +351,9 @@ def main() -> None:
             }
             if not backoffs:
                 print("WARNING: the forced out-of-memory did not happen; lower --oom-headroom-gib")
+            result["forced_oom"] = oom
 
-    result = {
-        "benchmark": "gpu_ingest",
-        "command": "python scripts/bench_gpu.py " + " ".join(os.sys.argv[1:]),
-        "shape": args.shape,
-        "model": {
-            "hidden": config.hidden_size,
-            "layers": config.num_hidden_layers,
-            "heads": config.num_attention_heads,
-            "kv_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
-            "intermediate": config.intermediate_size,
-            "vocab": config.vocab_size,
-            "head": project.head.label,
-            "attention": type(project.model[0].auto_model).__name__,
-            "dtype": str(next(project.model.parameters()).dtype),
-            "tokenizer_vocab": len(project.tokenizer),
-            "build_seconds": round(build_s, 1),
-        },
-        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "peak_tflops": args.peak_tflops if cuda else None,
-        "flops_per_token_512": flops_512,
-        "baseline_what": "SentenceTransformer fp32, encode(batch_size=16, normalize_embeddings=True)",
-        "project_what": "Encoder.encode_passages: bf16 on CUDA, length-sorted batches, pooling, head, normalise, "
-        "host copy; project_compiled: the same with encoder.compile (torch.compile of the transformer's forward, "
-        "dynamic shapes)",
-        "fixed_512_tokens": fixed_result,
-        "real_lengths": real,
-        "forced_oom": oom,
-        "minutes": round((time.time() - started) / 60, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save(done=True)
 
 
 if __name__ == "__main__":

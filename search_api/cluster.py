@@ -282,6 +282,9 @@ class RemoteEncoder:
     def encode_passages(self, texts: list[str]) -> np.ndarray:
         return self._encode(texts, False)
 
+    def prefetch_passages(self, texts: list[str]) -> None:
+        """Nothing to start here: the encoder replicas tokenise what they are sent."""
+
 
 class ClusterSearchService(SearchService):
     """The HTTP service over Serve deployments: same API and answers as the single-machine service."""

@@ -126,10 +126,11 @@ def test_outputs_are_normalised_and_batches_do_not_change_them(tiny_stella):
 
 
 def test_the_device_side_token_budget_path_gives_the_fixed_batch_vectors(tiny_stella, monkeypatch):
-    """The CUDA bulk path, run on the CPU: windows tokenised ahead on a worker thread, each window's tokens moved to
-    the device once and batches cut there, vectors gathered there and copied back once per window. Windows of 4
-    texts and a 64-token budget make several windows of several batches; every vector lands in its text's row,
-    equal to the seed-style fixed batches', and the token counts are the batches' own."""
+    """The CUDA bulk path, run on the CPU: windows tokenised ahead on the worker thread (the first one prefetched
+    as the pipelined ingest asks for it), each window's tokens moved to the device once and batches cut there,
+    vectors gathered there and copied back once per window. Windows of 4 texts and a 64-token budget make
+    several windows of several batches; every vector lands in its text's row, equal to the seed-style fixed
+    batches', and the token counts are the batches' own."""
     import threading
 
     import indexer.encoder as encoder_module
@@ -139,32 +140,66 @@ def test_the_device_side_token_budget_path_gives_the_fixed_batch_vectors(tiny_st
     texts = [f"passage {i} about vector search " * (1 + (i * 5) % 7) for i in range(11)]
     fixed = encoder.encode_passages(texts)  # torch on the CPU: fixed batches of 3, transferred per batch
 
-    threads = set()
+    calls = []
     preprocess = encoder.model.preprocess
 
-    def recording(*args, **kwargs):  # the real tokenizer, noting which thread calls it
-        threads.add(threading.current_thread().name)
-        return preprocess(*args, **kwargs)
+    def recording(window, *args, **kwargs):  # the real tokenizer, noting which thread tokenised which window
+        calls.append((threading.current_thread().name, window[0]))
+        return preprocess(window, *args, **kwargs)
 
     monkeypatch.setattr(encoder.model, "preprocess", recording)
-    windows = list(encoder._tokenised_windows(texts, None, ahead=True))
-    assert [first for first, _ in windows] == [0, 4, 8] and all(n.startswith("encode-tokenise") for n in threads)
-    ahead_ids = torch.cat([f["input_ids"].flatten() for _, f in windows])
-    inline_ids = torch.cat([f["input_ids"].flatten() for _, f in encoder._tokenised_windows(texts, None, False)])
-    assert torch.equal(ahead_ids, inline_ids)
-    stopped_early = encoder._tokenised_windows(texts, None, ahead=True)
-    next(stopped_early)
-    stopped_early.close()  # as _encode_by_token_budget's closing() does on an error: the worker goes with it
-    assert not [t for t in threading.enumerate() if t.name.startswith("encode-tokenise")]
+    inline = list(encoder._tokenised_windows(texts, None))  # on the CPU: nothing ahead, all on this thread
+    assert [first for first, _ in inline] == [0, 4, 8] and {name for name, _ in calls} == {"MainThread"}
+
+    encoder._tokenise_ahead = True  # as on CUDA
+    calls.clear()
+    ahead = list(encoder._tokenised_windows(texts, None))
+    assert [name.startswith("encode-tokenise") for name, _ in calls] == [False, True, True]  # the first inline
+    for (_, a), (_, b) in zip(ahead, inline):
+        assert torch.equal(a["input_ids"], b["input_ids"])
 
     lengths = [len(ids) for ids in encoder.tokenizer(texts)["input_ids"]]
     before = (encoder.stats.tokens, encoder.stats.padded_tokens, encoder.stats.batches)
+    calls.clear()
+    encoder.prefetch_passages(texts)  # the pipelined ingest's call for the next commit batch
     out = np.zeros((len(texts), encoder.dim), dtype="float32")
-    encoder._encode_by_token_budget(texts, None, out, budget=64)
+    encoder._encode_by_token_budget(texts, encoder.passage_prompt, out, budget=64)
+    assert [(name.startswith("encode-tokenise"), text) for name, text in calls] == [
+        (True, texts[0]), (True, texts[4]), (True, texts[8])
+    ]
     np.testing.assert_allclose(out, fixed, atol=1e-5)
-    assert encoder.stats.batches - before[2] > len(windows)  # several batches per window
+    assert encoder.stats.batches - before[2] > 3  # several batches per window
     assert encoder.stats.tokens - before[0] == sum(lengths)
     assert sum(lengths) < encoder.stats.padded_tokens - before[1] <= (encoder.stats.batches - before[2]) * 64
+
+
+def test_an_out_of_memory_on_the_device_path_halves_the_budget_and_every_vector_comes_back(tiny_stella, monkeypatch):
+    """No GPU here, so the out-of-memory is injected: the forward raises torch's own CUDA OutOfMemoryError for
+    any batch over 100 padded tokens (texts of 17-48 tokens). The budget halves until batches fit, the rest of the window is cut again,
+    later windows start from the backed-off budget, and every vector still lands in its row."""
+    import indexer.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "TOKENISE_WINDOW", 4)
+    encoder = load(tiny_stella, dim=768, backend="torch", batch_size=3)
+    texts = [f"passage {i} about vector search " * (1 + (i * 5) % 3) for i in range(11)]
+    fixed = encoder.encode_passages(texts)
+    forward, too_large = encoder._forward, []
+
+    def forward_with_little_memory(batch):
+        padded = batch["attention_mask"].numel()
+        if padded > 100:
+            too_large.append(padded)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(batch)
+
+    monkeypatch.setattr(encoder, "_forward", forward_with_little_memory)
+    out = np.zeros((len(texts), encoder.dim), dtype="float32")
+    before = encoder.stats.oom_backoffs
+    encoder._encode_by_token_budget(texts, None, out, budget=400)
+    np.testing.assert_allclose(out, fixed, atol=1e-5)
+    # 400 -> 200 -> 100 in the first window; the later windows start at 100 and never run out again
+    assert encoder.stats.oom_backoffs - before == len(too_large) == 2
+    assert encoder._cuda_budget_cap == 100  # and the next call starts there
 
 
 def test_a_dim_above_every_head_is_refused(tiny_stella):
