@@ -13,6 +13,9 @@ cuts it. On the same texts:
 - **Real length distributions**: the passages the project's chunker cuts from each corpus: texts/s against the
   baseline, and the share of computed tokens that were padding (``Encoder.stats``). On CUDA the encoder cuts
   length-sorted batches of up to ``batch_size`` x 512 padded tokens, so ``--batch-sizes`` sets that budget.
+- **Host waits** (``host_waits``, CUDA): the synchronising calls torch's sync debug mode reports during one
+  encode of the corpus, against its batch count (the encoder's own code waits once per window; the model's may
+  add one per batch).
 - **The whole ingest** (``ingest``): the same documents through ``ingest_documents`` into a real collection
   (chunking, encoding at the largest budget, SQLite rows, FAISS add, checkpoint): passages/s, and the overhead
   over ``encode_passages`` alone.
@@ -79,6 +82,22 @@ def timed(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+def synchronising_calls(fn) -> int:
+    """How many times ``fn`` made the host wait for the GPU (torch's sync debug mode warns at each wait)."""
+    import warnings
+
+    import torch
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def main() -> None:
@@ -293,6 +312,11 @@ def main() -> None:
                         "padding_fraction": round(1 - real_tokens / computed, 4),
                         "vs_baseline": round(baseline_s / seconds, 2),
                     }
+            if cuda:  # how often the host waits for the GPU: the encoder itself once per window of 4,096 texts
+                enc = encoder(batch_sizes[-1])
+                batches_before = enc.stats.batches
+                waits = synchronising_calls(lambda enc=enc, texts=texts: enc.encode_passages(texts))
+                entry["host_waits"] = {"batches": enc.stats.batches - batches_before, "synchronising_calls": waits}
             # the whole ingest: the same documents chunked, encoded (eager, largest budget), written to a real
             # collection (SQLite rows, FAISS add, checkpoint), against encode_passages alone at that budget
             enc = encoder(batch_sizes[-1])
