@@ -11,7 +11,6 @@ model's own ``config_sentence_transformers.json``; a model without them (MiniLM)
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import gc
@@ -429,9 +428,8 @@ class Encoder:
         vectors stay on the device until the window ends, so the encoder itself waits for the GPU once per window
         (the model's own code may wait more: transformers' eager SDPA mask checks the padding on the host).
         """
-        with contextlib.closing(self._tokenised_windows(texts, prompt)) as tokenised:
-            for first, features in tokenised:
-                budget = self._encode_window(first, features, out, budget)
+        for first, features in self._tokenised_windows(texts, prompt):
+            budget = self._encode_window(first, features, out, budget)
 
     def _encode_window(self, first: int, features: dict, out: np.ndarray, budget: int) -> int:
         """One tokenised window's texts into ``out[first:]``, in batches of at most ``budget`` padded tokens;
@@ -518,13 +516,11 @@ class Encoder:
         upcoming = None
         if prefetched is not None and prefetched[0] is texts and prefetched[1] == prompt:
             upcoming = prefetched[2]
-        if not self._tokenise_ahead:
-            for first in starts:
-                yield first, self._tokenise_window(texts, prompt, first, False)
-            return
         for i, first in enumerate(starts):
             features = upcoming.result() if upcoming is not None else self._tokenise_window(texts, prompt, first, False)
-            upcoming = self._tokenise_later(texts, prompt, starts[i + 1]) if i + 1 < len(starts) else None
+            upcoming = None
+            if self._tokenise_ahead and i + 1 < len(starts):
+                upcoming = self._tokenise_later(texts, prompt, starts[i + 1])
             yield first, features
 
     def token_budget_batches(self, texts: list[str], prompt: str | None = None) -> list[np.ndarray]:
@@ -640,13 +636,12 @@ def _rows(value, idx, columns: slice, texts: int):
     """A batch's part of one tokenised feature: token tensors cut to its rows and width, per-text vectors to its
     rows, anything else (``prompt_length``) as it is. ``idx``: numpy on the host, a tensor on the feature's
     device."""
-    ndim = getattr(value, "ndim", 0)
-    if ndim == 2 and value.shape[0] == texts:
-        # contiguous, as a host-to-device copy makes it: a compiled forward's stride guards saw contiguous inputs
-        return value[idx][:, columns].contiguous()
-    if ndim == 1 and value.shape[0] == texts:
+    if not _per_text(value, texts):
+        return value
+    if value.ndim == 1:
         return value[idx]
-    return value
+    # contiguous, as a host-to-device copy makes it: a compiled forward's stride guards saw contiguous inputs
+    return value[idx][:, columns].contiguous()
 
 
 def _folder_stamp(folder: str | None) -> str:
