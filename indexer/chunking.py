@@ -60,29 +60,39 @@ class Chunker:
         self.window = max(8, max_seq_length - reserved)
         self.overlap = min(overlap, self.window // 4)
 
-    def _budget_for(self, title_tokens: int) -> int:
-        return max(int(self.window * MIN_BUDGET_FRACTION), self.window - title_tokens)
-
     def split(self, doc: Document) -> list[Passage]:
         """The passages of ``doc``: one when it fits, else overlapping windows on token boundaries."""
         return self.split_many([doc])[0]
 
     def split_many(self, docs: list[Document]) -> list[list[Passage]]:
-        """:meth:`split` of each document, their texts (and titles) tokenised in one batch call: the fast
-        tokenizer encodes a batch in Rust without a Python round trip per document (msmarco ingest: 0.45 s of
-        tokenizer calls per 1,500 documents one by one). Token offsets cross into Python only for the documents
-        longer than their budget, the ones that are split."""
+        """:meth:`split` of each document (see :meth:`split_for_encoding`)."""
+        return [passages for _, passages in self.split_for_encoding(docs)]
+
+    def split_for_encoding(self, docs: list[Document]) -> list[tuple[str | None, list[Passage]]]:
+        """Per document, the title to encode with each of its passages (``text_to_encode(title, passage.text)``)
+        and its passages. A title of more than half the window is cut there, on a token boundary, for encoding
+        only (the stored title stays whole), so title and passage always fit the model's window.
+
+        Texts and titles are tokenised in one batch call each: the fast tokenizer encodes a batch in Rust without a
+        Python round trip per document (msmarco ingest: 0.45 s of tokenizer calls per 1,500 documents one by
+        one). Token offsets cross into Python only for the documents longer than their budget, and the titles
+        longer than theirs."""
         if not docs:
             return []
-        titled = [d.title + " " for d in docs if d.title]
-        title_lengths = iter(self._lengths_and_offsets(titled)[0])
+        title_lengths, title_offsets = self._lengths_and_offsets([d.title + " " for d in docs if d.title])
+        titles = iter(zip(title_lengths, title_offsets))
         lengths, offsets = self._lengths_and_offsets([d.text for d in docs])
-        passages = []
+        out = []
         for doc, length, doc_offsets in zip(docs, lengths, offsets):
-            budget = self._budget_for(next(title_lengths)) if doc.title else self.window
+            title, budget = doc.title, self.window
+            if title:
+                title_length, offsets_of_title = next(titles)
+                budget = max(int(self.window * MIN_BUDGET_FRACTION), self.window - title_length)
+                if title_length > self.window - budget:
+                    title = title[: offsets_of_title()[self.window - budget - 1][1]].rstrip()
             # a document of at most `budget` tokens is one passage whatever its offsets say
-            passages.append(self._windows(doc, doc_offsets(), budget) if length > budget else [_whole(doc)])
-        return passages
+            out.append((title, self._windows(doc, doc_offsets(), budget) if length > budget else [_whole(doc)]))
+        return out
 
     def _lengths_and_offsets(self, texts: list[str]) -> tuple[list[int], list]:
         """Token counts of ``texts`` (no special tokens) and, per text, a callable returning its offsets."""

@@ -116,10 +116,10 @@ class EncodeDocuments:
                 spans.append((len(texts), len(texts)))
                 continue
             kinds.append("new" if state is None else "replace")
-            passages = self.chunker.split(Document(doc_id, title, text, {}))
+            [(title_to_encode, passages)] = self.chunker.split_for_encoding([Document(doc_id, title, text, {})])
             passages_json.append(json.dumps([[p.ordinal, p.text, p.start, p.end] for p in passages]))
             spans.append((len(texts), len(texts) + len(passages)))
-            texts.extend(text_to_encode(title, p.text) for p in passages)
+            texts.extend(text_to_encode(title_to_encode, p.text) for p in passages)
         vectors = self.encoder.encode_passages(texts) if texts else np.zeros((0, self.encoder.dim), "float32")
         vectors = np.ascontiguousarray(vectors, dtype="float32")
         vectors_blob = [vectors[a:b].tobytes() for a, b in spans]

@@ -84,17 +84,27 @@ def resolve_backend(settings: Settings, profile: ModelProfile) -> str:
 def backend_for_precision(precision: str, settings: Settings, profile: ModelProfile) -> str:
     """The backend that writes passage vectors of ``precision`` (a collection's), given the configured one.
 
-    A collection's passages keep the precision it was created with: an fp32 collection gets fp32 ONNX where
-    ``onnx-int8`` is configured (or ``auto`` picks it), an int8 one gets ``onnx-int8`` on the CPU. On CUDA,
-    where there is no int8 path, an int8 collection is written in fp32, which its queries (always fp32) match
-    the better.
+    On the CPU a collection's passages keep the precision it was created with: an fp32 collection (or a bf16 one
+    from a GPU) gets fp32 ONNX where ``onnx-int8`` is configured (or ``auto`` picks it), an int8 one gets
+    ``onnx-int8``. On CUDA the torch model runs in bf16 (fp16 where bf16 is unsupported) whatever the collection
+    holds: there is no int8 path there, and an fp32 forward would give up the GPU's speed. ``encoder_for_manifest``
+    logs such a mix.
     """
     backend = resolve_backend(settings, profile)
-    if precision == "fp32" and backend == "onnx-int8":
+    int8 = precision.startswith("int8")
+    if not int8 and backend == "onnx-int8":
         return "onnx"
-    if precision != "fp32" and backend != "onnx-int8" and resolve_device(settings.processing.device) == "cpu":
+    if int8 and backend != "onnx-int8" and resolve_device(settings.processing.device) == "cpu":
         return "onnx-int8"
     return backend
+
+
+def _torch_precision(model) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: the dtype of a torch model's weights."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def resolve_device(device: str) -> str:
@@ -299,13 +309,19 @@ class Encoder:
 
     @property
     def precision(self) -> str:
-        """``fp32``, or ``int8-<recipe key>``: what a collection records about how its vectors were computed."""
-        return "fp32" if self.int8 is None else f"int8-{self.int8.key}"
+        """How this encoder computes passage vectors, as a collection records it: ``fp32``, ``bf16`` or ``fp16``
+        (the torch model on CUDA), or ``int8-<recipe key>`` (``onnx-int8``)."""
+        if self.int8 is not None:
+            return f"int8-{self.int8.key}"
+        if self._onnx is not None:
+            return "fp32"
+        return _torch_precision(self.model)
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the vectors this encoder computes: keys the embedding cache."""
-        if self.int8 is None:
+        """Identifies the vectors this encoder computes: keys the embedding cache (so vectors of one precision are
+        never handed to an encoder of another)."""
+        if self.precision == "fp32":
             return self._graph_fingerprint()
         return hashlib.sha256(f"{self._graph_fingerprint()}\x1f{self.precision}".encode()).hexdigest()[:16]
 

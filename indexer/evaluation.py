@@ -44,23 +44,43 @@ class BeirDataset:
                 raise InvalidInputError(
                     f"{directory} is not a BEIR dataset folder: {required.relative_to(directory)} is missing"
                 )
-        qrels: dict[str, dict[str, int]] = {}
-        with open(qrels_file, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter="\t")
-            for number, row in enumerate(reader, start=1):
-                if number == 1 and row and row[0] == "query-id":
-                    continue
-                if len(row) != 3:
-                    raise InvalidInputError(f"{qrels_file} line {number}: expected query-id, corpus-id, score")
-                qrels.setdefault(row[0], {})[row[1]] = int(row[2])
-        queries = {}
-        with open(queries_file, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    record = json.loads(line)
-                    if record["_id"] in qrels:
-                        queries[record["_id"]] = record["text"]
+        try:
+            qrels = _read_qrels(qrels_file)
+            queries = _read_queries(queries_file, qrels)
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"{directory}: a file is not UTF-8 text ({exc})") from None
         return cls(directory.name, corpus, queries, qrels)
+
+
+def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for number, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+            if number == 1 and row and row[0] == "query-id":
+                continue
+            if len(row) != 3 or not row[2].strip().lstrip("-").isdigit():
+                raise InvalidInputError(f"{path} line {number}: expected query-id, corpus-id and an integer score")
+            qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+    return qrels
+
+
+def _read_queries(path: Path, qrels: dict) -> dict[str, str]:
+    """The texts of the judged queries."""
+    queries = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                query_id, text = str(record["_id"]), record["text"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InvalidInputError(
+                    f"{path} line {number}: expected a JSON object with '_id' and 'text' ({exc})"
+                ) from None
+            if query_id in qrels:
+                queries[query_id] = text
+    return queries
 
 
 def run_queries(dataset: BeirDataset, search: SearchFn, k: int = 100, batch: int = 64) -> dict[str, dict[str, float]]:

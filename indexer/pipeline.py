@@ -55,9 +55,19 @@ def _batched(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
 
 
 def encoder_for_manifest(
-    manifest: Manifest, settings: Settings, model: str | None = None, name: str = "the collection"
+    manifest: Manifest,
+    settings: Settings,
+    model: str | None = None,
+    name: str = "the collection",
+    dim: int | None = None,
 ) -> Encoder:
-    """Load the encoder that made ``manifest``'s vectors; a different ``model`` is refused (ModelMismatchError)."""
+    """Load the encoder that made ``manifest``'s vectors; a different ``model`` or ``dim`` is refused
+    (ModelMismatchError)."""
+    if dim is not None and dim != manifest.dim:
+        raise ModelMismatchError(
+            f"{name} was built with {manifest.describe()}; refusing dim {dim}. Its vectors can only be searched at "
+            f"their own dimension: leave --dim out, or search a collection built at dim {dim}."
+        )
     encoder_settings = settings.model_copy(deep=True)
     encoder_settings.encoder.prompt_type = manifest.prompt_type
     encoder_settings.encoder.max_length = manifest.max_length
@@ -71,14 +81,23 @@ def encoder_for_manifest(
             "Vectors of different models or heads cannot share an index: use the collection's own model, or "
             "ingest into a new collection."
         )
+    if encoder.precision != manifest.precision:
+        log.warning(
+            "%s holds %s passage vectors; passages written here (%s) will be %s",
+            name,
+            manifest.precision,
+            encoder.device,
+            encoder.precision,
+        )
     return encoder
 
 
 def encoder_for_collection(
-    collection: Collection | ShardedCollection, settings: Settings, model: str | None = None
+    collection: Collection | ShardedCollection, settings: Settings, model: str | None = None, dim: int | None = None
 ) -> Encoder:
-    """Load the encoder a collection was built with; a different ``model`` is refused (ModelMismatchError)."""
-    return encoder_for_manifest(collection.manifest, settings, model, name=f"collection {collection.name}")
+    """Load the encoder a collection was built with; a different ``model`` or ``dim`` is refused
+    (ModelMismatchError)."""
+    return encoder_for_manifest(collection.manifest, settings, model, name=f"collection {collection.name}", dim=dim)
 
 
 def shard_count(collection: Collection | ShardedCollection) -> int:
@@ -250,10 +269,10 @@ def _prepare(batch: list[Document], collection, chunker: Chunker, report: Ingest
             report.documents_unchanged += 1
     passages: list[Passage] = []
     texts: list[str] = []
-    for doc, doc_passages in zip(to_encode, chunker.split_many(to_encode)):
+    for title, doc_passages in chunker.split_for_encoding(to_encode):
         for passage in doc_passages:
             passages.append(passage)
-            texts.append(text_to_encode(doc.title, passage.text))
+            texts.append(text_to_encode(title, passage.text))
     return _Prepared(batch, to_encode, metadata_only, passages, texts)
 
 

@@ -37,6 +37,8 @@ from indexer.onnx_backend import FFN_DOWN_MATMULS
 from storage.errors import InvalidInputError
 
 ENV_PREFIX = "STELLA_SEARCH_"
+# The CLI's ``--api-key`` for ``--url`` (the key a client sends), not a setting: the server's is SERVER__API_KEY.
+CLIENT_KEY_VARIABLE = "STELLA_SEARCH_API_KEY"
 
 
 class _Section(BaseModel):
@@ -171,7 +173,7 @@ def _merge(base: dict, override: dict) -> dict:
 def _from_env(environ: dict[str, str]) -> dict:
     out: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name == CLIENT_KEY_VARIABLE:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         value: Any = raw

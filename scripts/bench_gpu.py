@@ -287,11 +287,7 @@ def main() -> None:
         overlap = project.settings.ingest.chunk_overlap
         chunker = Chunker(project.chunk_tokenizer, project.max_seq_length, overlap, project.passage_prompt)
         for name, documents in corpora:
-            texts = [
-                text_to_encode(d.title, p.text)
-                for d, passages in zip(documents, chunker.split_many(documents))
-                for p in passages
-            ]
+            texts = [text_to_encode(title, p.text) for title, ps in chunker.split_for_encoding(documents) for p in ps]
             tokens = sum(len(ids) for ids in project.tokenizer(texts, truncation=True, max_length=512)["input_ids"])
             baseline_s = timed(lambda texts=texts: baseline_encode(texts), device)
             entry = {

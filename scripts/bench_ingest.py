@@ -52,7 +52,7 @@ def bench_corpus(corpus: Path, limit: int | None, model: str, backends: list[str
     chunker = Chunker(
         encoder.chunk_tokenizer, encoder.max_seq_length, settings.ingest.chunk_overlap, encoder.passage_prompt
     )
-    texts = [text_to_encode(d.title, p.text) for d, ps in zip(documents, chunker.split_many(documents)) for p in ps]
+    texts = [text_to_encode(title, p.text) for title, ps in chunker.split_for_encoding(documents) for p in ps]
     n = len(texts)
     del encoder
 

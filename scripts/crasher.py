@@ -235,7 +235,7 @@ def main() -> int:
     parser.add_argument("--searches", type=int, default=20, help="self-searches checked after each restart")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, help="default: a temporary directory")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("scripts/results/crasher.json"))
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -269,9 +269,8 @@ def main() -> int:
         "seconds": round(time.monotonic() - started, 1),
         "seed": args.seed,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0 if result["lost"] == 0 and not result["violations"] else 1
 

@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 import click
+import httpx
 
-from indexer.settings import Settings, load_settings
+from indexer.settings import CLIENT_KEY_VARIABLE, Settings, load_settings
+from search_api.client import SearchAPIError
 from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION
 from storage.errors import StellaSearchError
 
@@ -57,14 +59,29 @@ def _settings(config: str | None, **flags) -> Settings:
 
 
 class _Command(click.Group):
-    """Domain errors become one clear line on stderr and exit status 2, never a traceback."""
+    """Domain errors, a server's error answers and an unreachable server (``--url``) become one clear line on stderr
+    and exit status 2, never a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except StellaSearchError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            message = str(exc)
+        except SearchAPIError as exc:
+            message = f"the server answered {exc.status_code}: {exc.detail}"
+        except httpx.HTTPError as exc:
+            where = f" ({exc.request.url})" if _has_request(exc) else ""
+            message = f"could not talk to the server{where}: {type(exc).__name__}: {exc}"
+        click.echo(f"error: {message}", err=True)
+        sys.exit(2)
+
+
+def _has_request(exc: httpx.HTTPError) -> bool:
+    try:
+        exc.request  # noqa: B018 (raises RuntimeError where httpx has none)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _common(func):
@@ -186,7 +203,7 @@ def _filter(filter_json: str | None) -> dict | None:
 @click.option("--group-by", type=click.Choice(["passage", "document"]), default="passage", show_default=True)
 @click.option("--offset", type=click.IntRange(0, 10_000), default=0, help="results to skip, for paging")
 @click.option("--url", help="search through a running server instead of opening the collection")
-@click.option("--api-key", envvar="STELLA_SEARCH_API_KEY", help="bearer key for --url")
+@click.option("--api-key", envvar=CLIENT_KEY_VARIABLE, help="bearer key for --url")
 @click.option("--json", "as_json", is_flag=True)
 def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset, url, api_key, as_json, **flags):
     """Search a collection and print the top passages (or documents)."""
@@ -215,7 +232,11 @@ def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset,
 
         configure_search_threads(settings)
         with open_collection(collection_dir(settings.data_dir, settings.collection)) as collection:
-            encoder = encoder_for_collection(collection, settings, flags["model"]) if mode != "lexical" else None
+            encoder = (
+                encoder_for_collection(collection, settings, flags["model"], flags["dim"])
+                if mode != "lexical"
+                else None
+            )
             started = time.perf_counter()
             found = Retriever(collection, encoder).search(SearchOptions(query=query, k=k, **options))
             took_ms = (time.perf_counter() - started) * 1000
@@ -245,7 +266,7 @@ def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset,
 @_search_options
 @click.option("-k", "k", type=click.IntRange(10, 1000), default=100, show_default=True, help="documents per query")
 @click.option("--url", help="search through a running server (the collection must already be ingested)")
-@click.option("--api-key", envvar="STELLA_SEARCH_API_KEY", help="bearer key for --url")
+@click.option("--api-key", envvar=CLIENT_KEY_VARIABLE, help="bearer key for --url")
 @click.option("--json", "as_json", is_flag=True)
 def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, url, api_key, as_json, **flags):
     """nDCG@10, recall@100 and MRR@10 on a BEIR dataset (ingesting its corpus first if needed).
@@ -472,7 +493,11 @@ def _query_texts(path: Path) -> list[str]:
     """Query texts of a BEIR ``queries.jsonl`` (its ``text`` fields) or of a plain file (its non-empty lines)."""
     from storage.errors import InvalidInputError
 
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path} is not UTF-8 text ({exc}): save the queries as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         try:
             lines = [json.loads(line)["text"] for line in lines]

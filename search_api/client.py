@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote
 
@@ -50,8 +50,20 @@ def _raise_for(response: httpx.Response) -> None:
     raise SearchAPIError(response.status_code, str(detail))
 
 
+Parse = Callable[[Any], Any]
+
+
+def _batch(data: Any) -> list[schemas.SearchResponse]:
+    return schemas.BatchSearchResponse.model_validate(data).responses
+
+
+def _collections(data: Any) -> list[schemas.CollectionInfo]:
+    return [schemas.CollectionInfo.model_validate(c) for c in data]
+
+
 class _Calls:
-    """What the sync and async clients share: configuration, paths, and when to retry."""
+    """The API's calls, defined once for both clients: each builds its request and hands it to ``_send``, which
+    ``SearchClient`` runs at once and ``AsyncSearchClient`` as a coroutine (so there every call is awaited)."""
 
     def __init__(self, base_url: str, api_key: str | None, timeout: float, retries: int, backoff: float, transport):
         self.retries, self.backoff = retries, backoff
@@ -61,6 +73,9 @@ class _Calls:
             "timeout": timeout,
             "transport": transport,
         }
+
+    def _send(self, method: str, path: str, parse: Parse, **kwargs) -> Any:
+        raise NotImplementedError  # SearchClient and AsyncSearchClient
 
     def _retry_wait(self, attempt: int, response: httpx.Response | None = None) -> float | None:
         """Seconds to wait before retrying (a connection error, or a 503), or None to stop retrying."""
@@ -78,6 +93,68 @@ class _Calls:
     @staticmethod
     def _path(collection: str, suffix: str = "") -> str:
         return f"/collections/{quote(collection, safe='')}{suffix}"
+
+    def search(self, query: str, k: int = 10, collection: str = "default", **options: Any) -> schemas.SearchResponse:
+        """Search; ``options``: mode, filter, fusion, alpha, group_by, passages_per_document, offset."""
+        body = {"query": query, "k": k, **options}
+        return self._send("POST", self._path(collection, "/search"), schemas.SearchResponse.model_validate, json=body)
+
+    def search_batch(
+        self, queries: list[str], k: int = 10, collection: str = "default", **options: Any
+    ) -> list[schemas.SearchResponse]:
+        """One request for many queries (the same ``options`` for each); a response per query, in order."""
+        body = {"queries": list(queries), "k": k, **options}
+        return self._send("POST", self._path(collection, "/search/batch"), _batch, json=body)
+
+    def similar(
+        self,
+        id: str | None = None,
+        text: str | None = None,
+        k: int = 10,
+        collection: str = "default",
+        **options: Any,
+    ) -> schemas.SearchResponse:
+        """More like this: neighbours of a stored document (by id) or of a text."""
+        body = {"id": id, "text": text, "k": k, **options}
+        return self._send("POST", self._path(collection, "/similar"), schemas.SearchResponse.model_validate, json=body)
+
+    def upsert(
+        self, documents: Iterable[dict | schemas.DocumentIn], collection: str = "default"
+    ) -> schemas.UpsertResponse:
+        body = {"documents": [_document(d) for d in documents]}
+        return self._send(
+            "POST", self._path(collection, "/documents"), schemas.UpsertResponse.model_validate, json=body
+        )
+
+    def get(self, document_id: str, collection: str = "default") -> schemas.DocumentOut:
+        return self._send("GET", self._doc_path(collection, document_id), schemas.DocumentOut.model_validate)
+
+    def delete(self, document_id: str, collection: str = "default") -> schemas.Deleted:
+        return self._send("DELETE", self._doc_path(collection, document_id), schemas.Deleted.model_validate)
+
+    def delete_many(
+        self, ids: Iterable[str] = (), filter: dict | None = None, collection: str = "default"
+    ) -> schemas.DeleteResponse:
+        """Delete documents by id and/or metadata filter in one transaction."""
+        body = {"ids": list(ids), "filter": filter}
+        return self._send(
+            "POST", self._path(collection, "/documents/delete"), schemas.DeleteResponse.model_validate, json=body
+        )
+
+    def collections(self) -> list[schemas.CollectionInfo]:
+        return self._send("GET", "/collections", _collections)
+
+    def create_collection(
+        self, name: str, model: str | None = None, dim: int | None = None, prompt_type: str = "s2p", shards: int = 1
+    ) -> schemas.CollectionInfo:
+        body = {"name": name, "model": model, "dim": dim, "prompt_type": prompt_type, "shards": shards}
+        return self._send("POST", "/collections", schemas.CollectionInfo.model_validate, json=body)
+
+    def delete_collection(self, name: str) -> schemas.Deleted:
+        return self._send("DELETE", self._path(name), schemas.Deleted.model_validate)
+
+    def health(self) -> schemas.Health:
+        return self._send("GET", "/health", schemas.Health.model_validate)
 
 
 def _backoff(attempt: int, base: float) -> float:
@@ -106,7 +183,7 @@ class SearchClient(_Calls):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, **kwargs) -> Any:
+    def _send(self, method: str, path: str, parse: Parse, **kwargs) -> Any:
         attempt = 0
         while True:
             try:
@@ -119,78 +196,14 @@ class SearchClient(_Calls):
                 wait = self._retry_wait(attempt, response)
                 if wait is None:
                     _raise_for(response)
-                    return response.json()
+                    return parse(response.json())
             time.sleep(wait)
             attempt += 1
 
-    def search(self, query: str, k: int = 10, collection: str = "default", **options: Any) -> schemas.SearchResponse:
-        """Search; ``options``: mode, filter, fusion, alpha, group_by, passages_per_document, offset."""
-        body = {"query": query, "k": k, **options}
-        return schemas.SearchResponse.model_validate(
-            self._request("POST", self._path(collection, "/search"), json=body)
-        )
-
-    def search_batch(
-        self, queries: list[str], k: int = 10, collection: str = "default", **options: Any
-    ) -> list[schemas.SearchResponse]:
-        body = {"queries": list(queries), "k": k, **options}
-        data = self._request("POST", self._path(collection, "/search/batch"), json=body)
-        return schemas.BatchSearchResponse.model_validate(data).responses
-
-    def similar(
-        self,
-        id: str | None = None,
-        text: str | None = None,
-        k: int = 10,
-        collection: str = "default",
-        **options: Any,
-    ) -> schemas.SearchResponse:
-        """More like this: neighbours of a stored document (by id) or of a text."""
-        body = {"id": id, "text": text, "k": k, **options}
-        return schemas.SearchResponse.model_validate(
-            self._request("POST", self._path(collection, "/similar"), json=body)
-        )
-
-    def upsert(
-        self, documents: Iterable[dict | schemas.DocumentIn], collection: str = "default"
-    ) -> schemas.UpsertResponse:
-        body = {"documents": [_document(d) for d in documents]}
-        return schemas.UpsertResponse.model_validate(
-            self._request("POST", self._path(collection, "/documents"), json=body)
-        )
-
-    def get(self, document_id: str, collection: str = "default") -> schemas.DocumentOut:
-        return schemas.DocumentOut.model_validate(self._request("GET", self._doc_path(collection, document_id)))
-
-    def delete(self, document_id: str, collection: str = "default") -> schemas.Deleted:
-        return schemas.Deleted.model_validate(self._request("DELETE", self._doc_path(collection, document_id)))
-
-    def delete_many(
-        self, ids: Iterable[str] = (), filter: dict | None = None, collection: str = "default"
-    ) -> schemas.DeleteResponse:
-        """Delete documents by id and/or metadata filter in one transaction."""
-        body = {"ids": list(ids), "filter": filter}
-        return schemas.DeleteResponse.model_validate(
-            self._request("POST", self._path(collection, "/documents/delete"), json=body)
-        )
-
-    def collections(self) -> list[schemas.CollectionInfo]:
-        return [schemas.CollectionInfo.model_validate(c) for c in self._request("GET", "/collections")]
-
-    def create_collection(
-        self, name: str, model: str | None = None, dim: int | None = None, prompt_type: str = "s2p", shards: int = 1
-    ) -> schemas.CollectionInfo:
-        body = {"name": name, "model": model, "dim": dim, "prompt_type": prompt_type, "shards": shards}
-        return schemas.CollectionInfo.model_validate(self._request("POST", "/collections", json=body))
-
-    def delete_collection(self, name: str) -> schemas.Deleted:
-        return schemas.Deleted.model_validate(self._request("DELETE", self._path(name)))
-
-    def health(self) -> schemas.Health:
-        return schemas.Health.model_validate(self._request("GET", "/health"))
-
 
 class AsyncSearchClient(_Calls):
+    """``SearchClient``'s calls, each returning an awaitable: ``await client.search("query")``."""
+
     def __init__(
         self,
         base_url: str,
@@ -212,7 +225,7 @@ class AsyncSearchClient(_Calls):
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs) -> Any:
+    async def _send(self, method: str, path: str, parse: Parse, **kwargs) -> Any:
         attempt = 0
         while True:
             try:
@@ -225,40 +238,6 @@ class AsyncSearchClient(_Calls):
                 wait = self._retry_wait(attempt, response)
                 if wait is None:
                     _raise_for(response)
-                    return response.json()
+                    return parse(response.json())
             await asyncio.sleep(wait)
             attempt += 1
-
-    async def search(
-        self, query: str, k: int = 10, collection: str = "default", **options: Any
-    ) -> schemas.SearchResponse:
-        """Search; ``options``: mode, filter, fusion, alpha, group_by, passages_per_document, offset."""
-        body = {"query": query, "k": k, **options}
-        data = await self._request("POST", self._path(collection, "/search"), json=body)
-        return schemas.SearchResponse.model_validate(data)
-
-    async def search_batch(
-        self, queries: list[str], k: int = 10, collection: str = "default", **options: Any
-    ) -> list[schemas.SearchResponse]:
-        body = {"queries": list(queries), "k": k, **options}
-        data = await self._request("POST", self._path(collection, "/search/batch"), json=body)
-        return schemas.BatchSearchResponse.model_validate(data).responses
-
-    async def upsert(
-        self, documents: Iterable[dict | schemas.DocumentIn], collection: str = "default"
-    ) -> schemas.UpsertResponse:
-        body = {"documents": [_document(d) for d in documents]}
-        data = await self._request("POST", self._path(collection, "/documents"), json=body)
-        return schemas.UpsertResponse.model_validate(data)
-
-    async def get(self, document_id: str, collection: str = "default") -> schemas.DocumentOut:
-        return schemas.DocumentOut.model_validate(await self._request("GET", self._doc_path(collection, document_id)))
-
-    async def delete(self, document_id: str, collection: str = "default") -> schemas.Deleted:
-        return schemas.Deleted.model_validate(await self._request("DELETE", self._doc_path(collection, document_id)))
-
-    async def collections(self) -> list[schemas.CollectionInfo]:
-        return [schemas.CollectionInfo.model_validate(c) for c in await self._request("GET", "/collections")]
-
-    async def health(self) -> schemas.Health:
-        return schemas.Health.model_validate(await self._request("GET", "/health"))

@@ -17,6 +17,7 @@ import re
 import shutil
 import threading
 import time
+from pathlib import Path
 
 from indexer.encoder import Encoder, configure_search_threads
 from indexer.pipeline import encoder_for_collection, ingest_documents
@@ -24,7 +25,14 @@ from indexer.settings import Settings, snapshot_dir
 from search_api import schemas
 from search_api.batching import QueryBatcher
 from search_api.retrieval import Result, Retriever, SearchOptions
-from storage.collection import Collection, Document, collection_dir, list_collections, metadata_to_json
+from storage.collection import (
+    Collection,
+    Document,
+    collection_dir,
+    is_collection,
+    list_collections,
+    metadata_to_json,
+)
 from storage.errors import (
     ConflictError,
     InvalidInputError,
@@ -48,6 +56,7 @@ class SearchService:
         self.settings = settings
         self.data_dir = settings.data_dir
         self._collections: dict[str, Collection] = {}
+        self._deleting: set[str] = set()  # being removed: not re-opened from disk meanwhile
         self._encoders: dict[tuple, Encoder] = {}
         self._batchers: dict[int, QueryBatcher] = {}
         self._lock = threading.RLock()
@@ -127,15 +136,28 @@ class SearchService:
     # -- collections -------------------------------------------------------------------------------------
 
     def collection(self, name: str) -> Collection:
+        """The served collection ``name``; one that another process (the CLI's ingest or restore) created under
+        data_dir since the server started is opened and served from now on."""
+        path = collection_dir(self.data_dir, name)  # a malformed name is a 400, not a 404
         with self._lock:
-            collection = self._collections.get(name)
+            collection = self._collections.get(name) or self._open_new(name, path)
         if collection is None:
-            collection_dir(self.data_dir, name)  # a malformed name is a 400, not a 404
             raise NotFoundError(f"no collection named {name!r}; GET /collections lists them")
+        return collection
+
+    def _open_new(self, name: str, path: Path) -> Collection | None:
+        """Open a collection that appeared under data_dir after start (under ``self._lock``); None if there is none."""
+        if name in self._deleting or not is_collection(path):
+            return None
+        collection = self._collections[name] = open_collection(path)
+        log.info("serving collection %s, created since the server started", name)
         return collection
 
     def collections(self) -> list[schemas.CollectionInfo]:
         with self._lock:
+            for name in list_collections(self.data_dir):
+                if name not in self._collections:
+                    self._open_new(name, collection_dir(self.data_dir, name))
             opened = list(self._collections.values())
         return [self._info(c) for c in opened]
 
@@ -230,14 +252,22 @@ class SearchService:
 
     def delete_collection(self, name: str) -> None:
         collection = self.collection(name)
-        with self._lock:
-            self._collections.pop(name, None)
-            self._unsaved.pop(name, None)
+        # the writer lock first: a 409 (another writer held it too long) leaves the collection served as it was
         with collection.writing(WRITE_WAIT_S):
-            # requests already running finish on their open connections (unlinked files stay readable);
-            # new ones get a 404
-            collection.retire()
-            shutil.rmtree(collection.path)
+            with self._lock:
+                if self._collections.get(name) is not collection:
+                    raise NotFoundError(f"no collection named {name!r}; another request deleted it")
+                del self._collections[name]
+                self._unsaved.pop(name, None)
+                self._deleting.add(name)
+            try:
+                # requests already running finish on their open connections (unlinked files stay readable);
+                # new ones get a 404
+                collection.retire()
+                shutil.rmtree(collection.path)
+            finally:
+                with self._lock:
+                    self._deleting.discard(name)
 
     # -- search ------------------------------------------------------------------------------------------
 

@@ -130,12 +130,17 @@ def collection_dir(data_dir: Path | str, name: str) -> Path:
     return Path(data_dir) / name
 
 
+def is_collection(path: Path | str) -> bool:
+    """Whether ``path`` holds a collection (ordinary or sharded; creation renames it into place whole)."""
+    return (Path(path) / DB_FILE).exists() or (Path(path) / SHARDS_FILE).exists()
+
+
 def list_collections(data_dir: Path | str) -> list[str]:
     """Names of the collections under ``data_dir``."""
     root = Path(data_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / DB_FILE).exists() or (p / SHARDS_FILE).exists())
+    return sorted(p.name for p in root.iterdir() if is_collection(p))
 
 
 def _metadata_json(metadata: dict) -> str:
@@ -282,7 +287,7 @@ class Collection:
         (the other gets :class:`CollectionExistsError` and can open the winner's).
         """
         path = Path(path)
-        if (path / DB_FILE).exists() or (path / SHARDS_FILE).exists():
+        if is_collection(path):
             raise CollectionExistsError(f"a collection already exists at {path}; open it instead")
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.parent / f".{path.name}.creating-{secrets.token_hex(4)}"

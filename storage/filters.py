@@ -21,6 +21,7 @@ MAX_DEPTH = 8
 MAX_CLAUSES = 128
 MAX_LIST = 1000
 MAX_PARAMS = 5000  # well under SQLite's bound-parameter limit
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what SQLite binds as an integer
 COMPARE = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 FIELD_OPERATORS = {"$eq", "$ne", "$in", "$nin", "$exists", *COMPARE}
 Scalar = (str, int, float, bool, type(None))
@@ -103,6 +104,12 @@ class _Compiler:
             raise InvalidInputError(
                 f"{op} on {key!r} takes a string, number, boolean or null, not {type(value).__name__}"
             )
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            # SQLite's JSON functions read such a number in stored metadata as a real, so compare with one
+            try:
+                return float(value)
+            except OverflowError:
+                raise InvalidInputError(f"{op} on {key!r}: the number {str(value)[:20]}... is too large") from None
         return value
 
     def _members(self, path: str, values: list) -> str:

@@ -14,7 +14,7 @@ from search_api.client import AsyncSearchClient, SearchAPIError, SearchClient
 from storage.collection import Collection, Manifest
 
 from conftest import SHARED_DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
-from server import RunningServer
+from server import RunningServer, free_port
 from test_quality import slice_dataset
 
 CORPUS = read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=80)
@@ -241,6 +241,38 @@ def test_async_client(server):
     assert all(len(r.results) == 2 for r in results) and health.status == "ok"
 
 
+def test_the_async_client_has_every_call_of_the_sync_one(server):
+    sync_calls = {name for name in dir(SearchClient) if not name.startswith("_")} - {"close"}
+    assert sync_calls == {name for name in dir(AsyncSearchClient) if not name.startswith("_")} - {"aclose"}
+
+    async def run():
+        async with AsyncSearchClient(server.url, retries=0) as c:
+            created = await c.create_collection("async-scratch", model="minilm")
+            docs = [
+                {"id": "a1", "text": "Tide pools hold anemones and small crabs.", "metadata": {"shore": True}},
+                {"id": "a2", "text": "Sea anemones and crabs live in rocky tide pools.", "metadata": {"shore": True}},
+                {"id": "a3", "text": "The tax office opens at nine.", "metadata": {"shore": False}},
+            ]
+            upserted = await c.upsert(docs, collection="async-scratch")
+            batch = await c.search_batch(["crabs in tide pools", "tax office"], k=1, collection="async-scratch")
+            similar = await c.similar(id="a1", k=1, collection="async-scratch")
+            fetched = await c.get("a3", collection="async-scratch")
+            deleted = await c.delete("a3", collection="async-scratch")
+            many = await c.delete_many(filter={"shore": True}, collection="async-scratch")
+            names = [info.name for info in await c.collections()]
+            gone = await c.delete_collection("async-scratch")
+            with pytest.raises(SearchAPIError) as err:
+                await c.search("crabs", collection="async-scratch")
+            return created, upserted, batch, similar, fetched, deleted, many, names, gone, err.value
+
+    created, upserted, batch, similar, fetched, deleted, many, names, gone, error = asyncio.run(run())
+    assert (created.name, created.dim, upserted.added) == ("async-scratch", 384, 3)
+    assert batch[0].results[0].id in {"a1", "a2"} and batch[1].results[0].id == "a3"
+    assert similar.results[0].id == "a2" and fetched.text == "The tax office opens at nine."
+    assert deleted.deleted == "a3" and many.deleted == 2 and "async-scratch" in names
+    assert gone.deleted == "async-scratch" and error.status_code == 404
+
+
 @pytest.mark.parametrize(
     "keys, call, expected",
     [
@@ -300,6 +332,58 @@ def test_cli_search_through_http(server):
     assert result.exit_code == 0, result.output
     hits = json.loads(result.output[result.output.index("{") :])["results"]
     assert hits[0]["id"] == "<dbpedia:Oceanic_Airlines>"
+
+
+def test_cli_errors_through_http_are_one_line_and_the_key_comes_from_the_environment(data_dir):
+    runner = CliRunner()
+    search = ["search", "fictional airline", "-k", "1", "--json"]
+    with RunningServer(server_settings(data_dir, read_api_key="r")) as running:
+        # STELLA_SEARCH_API_KEY is the client's key, not a setting: it must not break loading the settings
+        allowed = runner.invoke(main, [*search, "--url", running.url], env={"STELLA_SEARCH_API_KEY": "r"})
+        assert allowed.exit_code == 0, allowed.output
+        assert (
+            json.loads(allowed.output[allowed.output.index("{") :])["results"][0]["id"] == "<dbpedia:Oceanic_Airlines>"
+        )
+        refused = runner.invoke(main, [*search, "--url", running.url], env={"STELLA_SEARCH_API_KEY": None})
+        assert refused.exit_code == 2 and refused.output.startswith("error: the server answered 401:"), refused.output
+        missing = runner.invoke(main, [*search, "--url", running.url, "--api-key", "r", "--collection", "nope"])
+        assert missing.exit_code == 2
+        assert missing.output.startswith("error: the server answered 404: no collection named 'nope'")
+    closed = runner.invoke(main, [*search, "--url", f"http://127.0.0.1:{free_port()}"])
+    assert closed.exit_code == 2 and closed.output.startswith("error: could not talk to the server"), closed.output
+    assert "ConnectError" in closed.output
+    assert all("Traceback" not in r.output for r in (refused, missing, closed))
+
+
+def test_a_collection_the_cli_creates_while_the_server_runs_is_served(server, data_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "late.jsonl", [{"_id": "late-1", "text": "Okapis live in the Ituri rainforest."}])
+    with SearchClient(server.url, retries=0) as client:
+        with pytest.raises(SearchAPIError) as err:
+            client.search("okapi", collection="late")
+        assert err.value.status_code == 404
+        ingest = ["ingest", str(corpus), "--data-dir", str(data_dir), "--collection", "late", "--model", "minilm"]
+        assert CliRunner().invoke(main, ingest).exit_code == 0
+        assert "late" in [c.name for c in client.collections()]
+        assert client.search("okapi", collection="late").results[0].id == "late-1"
+        client.delete_collection("late")
+        assert not (data_dir / "late").exists() and "late" not in [c.name for c in client.collections()]
+
+
+def test_a_collection_delete_refused_as_busy_leaves_it_served(server, data_dir, tmp_path, monkeypatch):
+    import search_api.service
+
+    monkeypatch.setattr(search_api.service, "WRITE_WAIT_S", 0.2)
+    with SearchClient(server.url, retries=0) as client:
+        client.create_collection("busy", model="minilm")
+        client.upsert([{"id": "b1", "text": "a document in a busy collection"}], collection="busy")
+        with Collection.open(data_dir / "busy") as other_writer, other_writer.writing():
+            with pytest.raises(SearchAPIError) as err:
+                client.delete_collection("busy")
+        assert err.value.status_code == 409
+        assert client.search("busy collection", collection="busy").results[0].id == "b1"
+        assert "busy" in [c.name for c in client.collections()]
+        client.delete_collection("busy")
+        assert not (data_dir / "busy").exists()
 
 
 def test_concurrent_queries_are_micro_batched_with_identical_vectors(minilm):

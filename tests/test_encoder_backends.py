@@ -61,7 +61,7 @@ def test_cuda_batches_cap_their_padding_on_real_passage_lengths(minilm):
     within 3% padding, and the whole far below what filling every batch to the budget pads."""
     documents = list(read_documents(SHARED_DATA / "msmarco" / "corpus.jsonl"))[:2000]
     chunker = Chunker(minilm.chunk_tokenizer, 512, 32, None)
-    texts = [text_to_encode(d.title, p.text) for d, ps in zip(documents, chunker.split_many(documents)) for p in ps]
+    texts = [text_to_encode(title, p.text) for title, ps in chunker.split_for_encoding(documents) for p in ps]
     lengths = np.array([len(ids) for ids in minilm.tokenizer(texts, truncation=True, max_length=512)["input_ids"]])
     budget = 128 * 512
     batches = padding_capped_batches(lengths, budget, min_tokens=4096, max_padding=0.03)
@@ -108,6 +108,24 @@ def test_int8_passage_vectors_stay_close_to_fp32_and_queries_stay_fp32(onnx_dir,
     graph = f"{fp32.fingerprint}.{GRAPH_VERSION}"
     assert exported == [f"{graph}.{int8.precision}.onnx", f"{graph}.onnx"]
     assert int8.fingerprint != fp32.fingerprint  # the embedding cache never hands int8 vectors to fp32 encodes
+
+
+def test_half_precision_vectors_are_recorded_as_such_and_cached_apart(tmp_path, onnx_dir, caplog):
+    """On CUDA the torch model runs in bf16; no GPU here, so the same cast is made on the CPU. Such vectors were
+    recorded as fp32 and shared fp32's embedding-cache key."""
+    import torch
+
+    fp32 = Encoder.load("minilm", onnx_settings(onnx_dir, backend="torch"))
+    bf16 = Encoder.load("minilm", onnx_settings(onnx_dir, backend="torch"))
+    bf16.model.to(torch.bfloat16)  # what Encoder.load does on CUDA
+    assert (fp32.precision, bf16.precision, bf16.manifest().precision) == ("fp32", "bf16", "bf16")
+    assert bf16.fingerprint != fp32.fingerprint  # the embedding cache keeps their vectors apart
+    a, b = fp32.encode_passages(TEXTS), bf16.encode_passages(TEXTS)
+    assert b.dtype == np.float32 and (a * b).sum(axis=1).min() > 0.98
+    # a collection a GPU made in bf16 gets fp32 (never int8) passage vectors on the CPU, and the mix is logged
+    with Collection.create(tmp_path / "bf16", bf16.manifest()) as collection, caplog.at_level("WARNING"):
+        assert encoder_for_collection(collection, onnx_settings(onnx_dir)).precision == "fp32"
+    assert "holds bf16 passage vectors; passages written here (cpu) will be fp32" in caplog.text
 
 
 def test_a_collection_keeps_the_precision_it_was_created_with(tmp_path, onnx_dir):

@@ -177,3 +177,32 @@ def test_finished_threads_do_not_leak_connections(data):
 
         gc.collect()
         assert len(collection._databases) <= 2
+
+
+@pytest.mark.parametrize(
+    "queries, qrels, message",
+    [
+        (b'{"_id": "q1"}\n', b"q1\td1\t1\n", "queries.jsonl line 1: expected a JSON object with '_id' and 'text'"),
+        (b"not json\n", b"q1\td1\t1\n", "queries.jsonl line 1: expected a JSON object"),
+        (b'{"_id": "q1", "text": "x"}\n', b"q1\td1\tone\n", "test.tsv line 1: expected query-id, corpus-id and an"),
+        (b'{"_id": "q1", "text": "\xff"}\n', b"q1\td1\t1\n", "a file is not UTF-8 text"),
+    ],
+    ids=["no text", "not json", "score not a number", "not utf-8"],
+)
+def test_a_malformed_beir_folder_is_a_one_line_error(tmp_path, queries, qrels, message):
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "text": "a document"}\n', encoding="utf-8")
+    (folder / "queries.jsonl").write_bytes(queries)
+    (folder / "qrels" / "test.tsv").write_bytes(qrels)
+    result = CliRunner().invoke(main, ["eval", str(folder), "--data-dir", str(tmp_path / "data"), "--model", "minilm"])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, result.output
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+def test_optimize_with_a_queries_file_that_is_not_utf8_is_a_one_line_error(data, tmp_path):
+    queries = tmp_path / "queries.txt"
+    queries.write_bytes(b"caf\xe9 in Paris\n")  # Latin-1
+    result = CliRunner().invoke(main, ["optimize", "--data-dir", str(data), "--queries", str(queries)])
+    assert result.exit_code == 2 and "queries.txt is not UTF-8 text" in result.output, result.output
+    assert "save the queries as UTF-8" in result.output

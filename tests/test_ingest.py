@@ -7,7 +7,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from indexer.chunking import Chunker
+from indexer.chunking import Chunker, text_to_encode
 from indexer.pipeline import ingest_documents
 from indexer.sources import check_sources, read_documents
 from search_api.cli import main
@@ -104,6 +104,22 @@ def test_long_documents_split_into_overlapping_token_windows(minilm):
         assert second.start < first.end  # overlap
     assert passages[0].start == 0 and passages[-1].end == len(text.rstrip())
     assert all(text[p.start : p.end] == p.text for p in passages)
+
+
+def test_a_long_title_is_cut_for_encoding_so_title_and_passage_fit_the_window(minilm, fresh, settings):
+    """A title takes at most half the window; beyond that it was prepended whole and the model silently cut the
+    end of every passage. Now the encoded title is cut on a token boundary (the stored one stays whole)."""
+    title = " ".join(f"headline word{i}" for i in range(150))  # about 600 tokens, over twice the window
+    text = " ".join(f"Sentence number {i} talks about vector search and indexes." for i in range(80))
+    chunker = Chunker(minilm.tokenizer, minilm.max_seq_length, overlap=32)
+    [(encoded_title, passages)] = chunker.split_for_encoding([Document("long", title, text)])
+    assert len(passages) >= 3 and title.startswith(encoded_title) and len(encoded_title) < len(title)
+    lengths = [len(minilm.tokenizer(text_to_encode(encoded_title, p.text))["input_ids"]) for p in passages]
+    assert max(lengths) <= minilm.max_seq_length  # special tokens included: nothing left for the model to cut
+    assert max(lengths) >= minilm.max_seq_length - 8  # and the window is used, not wasted
+    ingest_documents(fresh, minilm, [Document("long", title, text)], settings)
+    stored, stored_passages = fresh.get("long")
+    assert stored.title == title and [p.text for p in stored_passages] == [p.text for p in passages]
 
 
 def test_sources_keep_every_other_field_as_metadata(tmp_path):
@@ -206,6 +222,8 @@ def test_cli_ingest_search_info_round_trip(tmp_path):
     )
     hits = json.loads(result.output[result.output.index("{") :])["results"]
     assert hits[0]["id"] == "<dbpedia:Oceanic_Airlines>" and hits[0]["title"] == "Oceanic Airlines"
+    other_dim = runner.invoke(main, ["search", "airline", "--data-dir", str(data_dir), "--dim", "128"])
+    assert other_dim.exit_code == 2 and "refusing dim 128" in other_dim.output, other_dim.output
     info = json.loads(runner.invoke(main, ["info", "--data-dir", str(data_dir)]).output)
     assert info[0]["documents"] == 60 and info[0]["model"] == "minilm" and info[0]["dim"] == 384
 

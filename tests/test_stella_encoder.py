@@ -165,7 +165,9 @@ def test_the_device_side_token_budget_path_gives_the_fixed_batch_vectors(tiny_st
     out = np.zeros((len(texts), encoder.dim), dtype="float32")
     encoder._encode_by_token_budget(texts, encoder.passage_prompt, out, budget=64)
     assert [(name.startswith("encode-tokenise"), text) for name, text in calls] == [
-        (True, texts[0]), (True, texts[4]), (True, texts[8])
+        (True, texts[0]),
+        (True, texts[4]),
+        (True, texts[8]),
     ]
     np.testing.assert_allclose(out, fixed, atol=1e-5)
     assert encoder.stats.batches - before[2] > 3  # several batches per window
@@ -175,8 +177,8 @@ def test_the_device_side_token_budget_path_gives_the_fixed_batch_vectors(tiny_st
 
 def test_an_out_of_memory_on_the_device_path_halves_the_budget_and_every_vector_comes_back(tiny_stella, monkeypatch):
     """No GPU here, so the out-of-memory is injected: the forward raises torch's own CUDA OutOfMemoryError for
-    any batch over 100 padded tokens (texts of 17-48 tokens). The budget halves until batches fit, the rest of the window is cut again,
-    later windows start from the backed-off budget, and every vector still lands in its row."""
+    any batch over 100 padded tokens (texts of 17-48 tokens). The budget halves until batches fit, the rest of the
+    window is cut again, later windows start from the backed-off budget, and every vector still lands in its row."""
     import indexer.encoder as encoder_module
 
     monkeypatch.setattr(encoder_module, "TOKENISE_WINDOW", 4)
