@@ -99,6 +99,12 @@ def backend_for_precision(precision: str, settings: Settings, profile: ModelProf
     return backend
 
 
+def encoder_precision_key(precision: str) -> str:
+    """The part of a collection's precision that decides which encoder it needs: each int8 recipe apart, and fp32,
+    bf16 and fp16 together (on one machine they get the same model: bf16 on CUDA, fp32 on the CPU)."""
+    return precision if precision.startswith("int8") else "full"
+
+
 def _torch_precision(model) -> str:
     """``fp32``, ``bf16`` or ``fp16``: the dtype of a torch model's weights."""
     import torch

@@ -82,7 +82,7 @@ def encoder_for_manifest(
             "ingest into a new collection."
         )
     if encoder.precision != manifest.precision:
-        log.warning(
+        log.info(
             "%s holds %s passage vectors; passages written here (%s) will be %s",
             name,
             manifest.precision,

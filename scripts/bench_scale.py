@@ -195,8 +195,8 @@ def encode_cached(texts: list[str], minutes: float, batch_size: int, device: str
     Chunks are cached with the seconds each took, so reruns reuse them and the budget counts every run's work.
     """
     encoder = load_encoder(batch_size, device)
-    # the fingerprint names the model and head, not where and in what precision it ran: vectors from the GPU (bf16)
-    # get their own cache (the CPU key is unchanged, so the CPU figure's cache still matches)
+    # the fingerprint names the model, head and precision (bf16 on the GPU) but not the device: GPU vectors get
+    # their own cache here too (the CPU key is unchanged, so the CPU figure's cache still matches)
     where = "" if device == "cpu" else f"\x1e{device}:{next(encoder.model.parameters()).dtype}"
     key = hashlib.sha256(("\x1e".join(texts) + encoder.fingerprint + where).encode()).hexdigest()[:16]
     folder = CACHE / key

@@ -69,9 +69,11 @@ class _Command(click.Group):
             message = str(exc)
         except SearchAPIError as exc:
             message = f"the server answered {exc.status_code}: {exc.detail}"
-        except httpx.HTTPError as exc:
-            where = f" ({exc.request.url})" if _has_request(exc) else ""
-            message = f"could not talk to the server{where}: {type(exc).__name__}: {exc}"
+        except httpx.HTTPError as exc:  # --url's server, or a model hub
+            where = f" to {exc.request.url}" if _has_request(exc) else ""
+            message = f"the HTTP request{where} failed: {type(exc).__name__}: {exc}"
+        except httpx.InvalidURL as exc:
+            message = f"invalid URL: {exc}"
         click.echo(f"error: {message}", err=True)
         sys.exit(2)
 
@@ -219,6 +221,7 @@ def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset,
     if url:
         from search_api.client import SearchClient
 
+        _refuse_local_options(flags)
         with SearchClient(url, api_key=api_key) as client:
             response = client.search(query, k=k, collection=settings.collection, **options)
         hits = [h.model_dump(exclude={"passages"}) for h in response.results]
@@ -284,6 +287,7 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
     if url:
         from search_api.client import SearchClient
 
+        _refuse_local_options(flags)
         with SearchClient(url, api_key=api_key) as client:
 
             def search_fn(queries, k):
@@ -326,6 +330,16 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
             f"{dataset.name} ({scores['queries']} queries, collection {settings.collection}, {label}): "
             f"nDCG@10 {scores['ndcg@10']:.4f}  recall@100 {scores['recall@100']:.4f}  MRR@10 {scores['mrr@10']:.4f}"
         )
+
+
+def _refuse_local_options(flags: dict) -> None:
+    """With --url the server encodes with each collection's own model: options that only apply locally are refused,
+    not silently ignored."""
+    given = [
+        f"--{name.replace('_', '-')}" for name in ("model", "dim", "batch_size", "device", "backend") if flags[name]
+    ]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} apply to a local collection; with --url the server uses its own")
 
 
 def _slug(model: str) -> str:

@@ -13,6 +13,8 @@ else is.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -63,7 +65,8 @@ def _collections(data: Any) -> list[schemas.CollectionInfo]:
 
 class _Calls:
     """The API's calls, defined once for both clients: each builds its request and hands it to ``_send``, which
-    ``SearchClient`` runs at once and ``AsyncSearchClient`` as a coroutine (so there every call is awaited)."""
+    ``SearchClient`` runs at once and ``AsyncSearchClient`` as a coroutine (where ``_coroutine_calls`` makes
+    every call an ``async def``)."""
 
     def __init__(self, base_url: str, api_key: str | None, timeout: float, retries: int, backoff: float, transport):
         self.retries, self.backoff = retries, backoff
@@ -201,8 +204,26 @@ class SearchClient(_Calls):
             attempt += 1
 
 
+def _coroutine_calls(cls):
+    """Each public call of ``_Calls`` as an ``async def`` of ``cls`` (so inspect, mocks and type checkers see
+    coroutine functions, and nothing runs before the await), awaiting what the shared call's ``_send`` returns."""
+
+    def as_coroutine(call):
+        @functools.wraps(call)
+        async def awaited(self, *args, **kwargs):
+            return await call(self, *args, **kwargs)
+
+        return awaited
+
+    for name, call in vars(_Calls).items():
+        if not name.startswith("_") and inspect.isfunction(call):
+            setattr(cls, name, as_coroutine(call))
+    return cls
+
+
+@_coroutine_calls
 class AsyncSearchClient(_Calls):
-    """``SearchClient``'s calls, each returning an awaitable: ``await client.search("query")``."""
+    """``SearchClient``'s calls as coroutines: ``await client.search("query")``."""
 
     def __init__(
         self,

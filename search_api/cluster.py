@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.distributed import connect, import_ray
+from indexer.encoder import encoder_precision_key
 from indexer.settings import Settings
 from search_api.service import SearchService
 from storage.collection import Collection, Manifest, collection_dir, list_collections
@@ -63,7 +64,8 @@ def shard_paths(data_dir: Path, name: str) -> list[Path]:
 
 
 def encoder_key(manifest: Manifest) -> str:
-    return f"{manifest.model}|{manifest.dim}|{manifest.prompt_type}|{manifest.max_length}|{manifest.precision}"
+    precision = encoder_precision_key(manifest.precision)
+    return f"{manifest.model}|{manifest.dim}|{manifest.prompt_type}|{manifest.max_length}|{precision}"
 
 
 # -- deployments (classes; turned into Serve deployments in ``build_application``) --------------------------
@@ -329,6 +331,11 @@ class ClusterSearchService(SearchService):
                 "see the Serve logs, then redeploy"
             )
         return encoder
+
+    def _open_new(self, name, path):
+        """The deployments serve the collections of the topology they were built with: one created since is
+        served after a redeploy (``stella-search serve --ray``), never opened on the gateway."""
+        return None
 
     def _refuse(self, what: str):
         raise InvalidInputError(

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from indexer.encoder import Encoder, configure_search_threads
+from indexer.encoder import Encoder, configure_search_threads, encoder_precision_key
 from indexer.pipeline import encoder_for_collection, ingest_documents
 from indexer.settings import Settings, snapshot_dir
 from search_api import schemas
@@ -110,7 +110,7 @@ class SearchService:
 
     @staticmethod
     def _key(model: str, dim: int | None, prompt_type: str, max_length: int | None, precision: str) -> tuple:
-        return (model, dim, prompt_type, max_length, precision)
+        return (model, dim, prompt_type, max_length, encoder_precision_key(precision))
 
     def _default_encoder(self) -> Encoder:
         encoder = Encoder.load(self.settings.encoder.model, self.settings)
@@ -140,24 +140,39 @@ class SearchService:
         data_dir since the server started is opened and served from now on."""
         path = collection_dir(self.data_dir, name)  # a malformed name is a 400, not a 404
         with self._lock:
-            collection = self._collections.get(name) or self._open_new(name, path)
+            collection = self._collections.get(name)
+        if collection is None:
+            collection = self._open_new(name, path)
         if collection is None:
             raise NotFoundError(f"no collection named {name!r}; GET /collections lists them")
         return collection
 
     def _open_new(self, name: str, path: Path) -> Collection | None:
-        """Open a collection that appeared under data_dir after start (under ``self._lock``); None if there is none."""
-        if name in self._deleting or not is_collection(path):
-            return None
-        collection = self._collections[name] = open_collection(path)
-        log.info("serving collection %s, created since the server started", name)
-        return collection
+        """Open a collection that appeared under data_dir after start, or None if there is none. Opening (loading
+        its index) happens outside the service lock, so other requests go on; of two requests opening it at
+        once, one's copy is served and the other's closed."""
+        with self._lock:
+            if name in self._deleting or not is_collection(path):
+                return None
+        opened = open_collection(path)
+        with self._lock:
+            served = self._collections.setdefault(name, opened) if name not in self._deleting else None
+        if served is not opened:
+            opened.close()
+        else:
+            log.info("serving collection %s, created since the server started", name)
+        return served
 
     def collections(self) -> list[schemas.CollectionInfo]:
-        with self._lock:
-            for name in list_collections(self.data_dir):
-                if name not in self._collections:
+        for name in list_collections(self.data_dir):
+            with self._lock:
+                known = name in self._collections
+            if not known:
+                try:
                     self._open_new(name, collection_dir(self.data_dir, name))
+                except Exception as exc:  # one unreadable collection does not hide the others
+                    log.warning("not listing collection %s, which could not be opened: %s", name, exc)
+        with self._lock:
             opened = list(self._collections.values())
         return [self._info(c) for c in opened]
 
@@ -246,28 +261,31 @@ class SearchService:
                 )
         restore_snapshot(source, target)  # slow (checksums, integrity check): not under the service lock
         collection = Collection.open(target)
-        with self._lock:
-            self._collections[request.collection] = collection
-        return self._info(collection)
+        with self._lock:  # a request may have opened it on demand meanwhile: serve one copy
+            served = self._collections.setdefault(request.collection, collection)
+        if served is not collection:
+            collection.close()
+        return self._info(served)
 
     def delete_collection(self, name: str) -> None:
         collection = self.collection(name)
-        # the writer lock first: a 409 (another writer held it too long) leaves the collection served as it was
-        with collection.writing(WRITE_WAIT_S):
-            with self._lock:
-                if self._collections.get(name) is not collection:
-                    raise NotFoundError(f"no collection named {name!r}; another request deleted it")
-                del self._collections[name]
-                self._unsaved.pop(name, None)
-                self._deleting.add(name)
-            try:
+        with self._lock:
+            if name in self._deleting or self._collections.get(name) is not collection:
+                raise ConflictError(f"collection {name!r} is being deleted by another request")
+            self._deleting.add(name)
+        try:
+            # the writer lock before unlisting: a 409 (another writer held it too long) leaves it served as it was
+            with collection.writing(WRITE_WAIT_S):
+                with self._lock:
+                    del self._collections[name]
+                    self._unsaved.pop(name, None)
                 # requests already running finish on their open connections (unlinked files stay readable);
                 # new ones get a 404
                 collection.retire()
                 shutil.rmtree(collection.path)
-            finally:
-                with self._lock:
-                    self._deleting.discard(name)
+        finally:
+            with self._lock:
+                self._deleting.discard(name)
 
     # -- search ------------------------------------------------------------------------------------------
 

@@ -136,11 +136,12 @@ def is_collection(path: Path | str) -> bool:
 
 
 def list_collections(data_dir: Path | str) -> list[str]:
-    """Names of the collections under ``data_dir``."""
+    """Names of the collections under ``data_dir`` (not the hidden folders of a creation, restore or replaced
+    collection in progress or kept aside)."""
     root = Path(data_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if is_collection(p))
+    return sorted(p.name for p in root.iterdir() if COLLECTION_NAME.match(p.name) and is_collection(p))
 
 
 def _metadata_json(metadata: dict) -> str:
@@ -187,7 +188,7 @@ class Manifest:
     prompt_type: str = "s2p"
     max_length: int = 512
     normalized: bool = True
-    # how the passage vectors were computed: fp32, or int8-<recipe key> (queries are always encoded in fp32)
+    # how the passage vectors were computed: fp32, bf16 or fp16 (torch on CUDA), or int8-<recipe key>
     precision: str = "fp32"
     index_type: str = INDEX_TYPE  # FAISS factory string of the current index
     # how the index was chosen and tuned: requested (auto or a type), search (nprobe / efSearch),

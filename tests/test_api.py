@@ -1,7 +1,10 @@
 """The HTTP API through a real uvicorn server, driven by the real client and by raw httpx."""
 
 import asyncio
+import inspect
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -244,6 +247,7 @@ def test_async_client(server):
 def test_the_async_client_has_every_call_of_the_sync_one(server):
     sync_calls = {name for name in dir(SearchClient) if not name.startswith("_")} - {"close"}
     assert sync_calls == {name for name in dir(AsyncSearchClient) if not name.startswith("_")} - {"aclose"}
+    assert all(inspect.iscoroutinefunction(getattr(AsyncSearchClient, name)) for name in sync_calls)
 
     async def run():
         async with AsyncSearchClient(server.url, retries=0) as c:
@@ -350,12 +354,16 @@ def test_cli_errors_through_http_are_one_line_and_the_key_comes_from_the_environ
         assert missing.exit_code == 2
         assert missing.output.startswith("error: the server answered 404: no collection named 'nope'")
     closed = runner.invoke(main, [*search, "--url", f"http://127.0.0.1:{free_port()}"])
-    assert closed.exit_code == 2 and closed.output.startswith("error: could not talk to the server"), closed.output
+    assert closed.exit_code == 2 and closed.output.startswith("error: the HTTP request to http://127.0.0.1:")
+    local_only = runner.invoke(main, [*search, "--url", "http://127.0.0.1:1", "--dim", "128"])
+    assert local_only.exit_code == 2 and "--dim apply to a local collection" in local_only.output
     assert "ConnectError" in closed.output
     assert all("Traceback" not in r.output for r in (refused, missing, closed))
 
 
 def test_a_collection_the_cli_creates_while_the_server_runs_is_served(server, data_dir, tmp_path):
+    import shutil
+
     corpus = write_jsonl(tmp_path / "late.jsonl", [{"_id": "late-1", "text": "Okapis live in the Ituri rainforest."}])
     with SearchClient(server.url, retries=0) as client:
         with pytest.raises(SearchAPIError) as err:
@@ -363,7 +371,11 @@ def test_a_collection_the_cli_creates_while_the_server_runs_is_served(server, da
         assert err.value.status_code == 404
         ingest = ["ingest", str(corpus), "--data-dir", str(data_dir), "--collection", "late", "--model", "minilm"]
         assert CliRunner().invoke(main, ingest).exit_code == 0
+        # a replaced collection kept aside by `restore --replace` is a hidden folder: neither listed nor an error
+        shutil.copytree(data_dir / "late", data_dir / ".replaced-late-20260101T000000")
         assert "late" in [c.name for c in client.collections()]
+        assert all(not c.name.startswith(".") for c in client.collections())
+        shutil.rmtree(data_dir / ".replaced-late-20260101T000000")
         assert client.search("okapi", collection="late").results[0].id == "late-1"
         client.delete_collection("late")
         assert not (data_dir / "late").exists() and "late" not in [c.name for c in client.collections()]
@@ -372,23 +384,33 @@ def test_a_collection_the_cli_creates_while_the_server_runs_is_served(server, da
 def test_a_collection_delete_refused_as_busy_leaves_it_served(server, data_dir, tmp_path, monkeypatch):
     import search_api.service
 
+    service = server.app.state.service
     monkeypatch.setattr(search_api.service, "WRITE_WAIT_S", 0.2)
     with SearchClient(server.url, retries=0) as client:
         client.create_collection("busy", model="minilm")
         client.upsert([{"id": "b1", "text": "a document in a busy collection"}], collection="busy")
+        served = service.collection("busy")
         with Collection.open(data_dir / "busy") as other_writer, other_writer.writing():
             with pytest.raises(SearchAPIError) as err:
                 client.delete_collection("busy")
         assert err.value.status_code == 409
+        assert service.collection("busy") is served  # still the served object, not one re-opened from disk
         assert client.search("busy collection", collection="busy").results[0].id == "b1"
-        assert "busy" in [c.name for c in client.collections()]
-        client.delete_collection("busy")
+        # a second DELETE while the first waits for the writer lock is a 409, and the first then succeeds
+        monkeypatch.setattr(search_api.service, "WRITE_WAIT_S", 30)
+        with Collection.open(data_dir / "busy") as other_writer, ThreadPoolExecutor(1) as pool:
+            with other_writer.writing():
+                first = pool.submit(client.delete_collection, "busy")
+                while "busy" not in service._deleting:
+                    time.sleep(0.01)
+                with pytest.raises(SearchAPIError, match="being deleted by another request") as err:
+                    client.delete_collection("busy")
+                assert err.value.status_code == 409
+            assert first.result(timeout=30).deleted == "busy"  # the writer lock was released: the first goes on
         assert not (data_dir / "busy").exists()
 
 
 def test_concurrent_queries_are_micro_batched_with_identical_vectors(minilm):
-    from concurrent.futures import ThreadPoolExecutor
-
     from search_api.batching import QueryBatcher
 
     sizes = []

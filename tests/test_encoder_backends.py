@@ -123,7 +123,7 @@ def test_half_precision_vectors_are_recorded_as_such_and_cached_apart(tmp_path, 
     a, b = fp32.encode_passages(TEXTS), bf16.encode_passages(TEXTS)
     assert b.dtype == np.float32 and (a * b).sum(axis=1).min() > 0.98
     # a collection a GPU made in bf16 gets fp32 (never int8) passage vectors on the CPU, and the mix is logged
-    with Collection.create(tmp_path / "bf16", bf16.manifest()) as collection, caplog.at_level("WARNING"):
+    with Collection.create(tmp_path / "bf16", bf16.manifest()) as collection, caplog.at_level("INFO"):
         assert encoder_for_collection(collection, onnx_settings(onnx_dir)).precision == "fp32"
     assert "holds bf16 passage vectors; passages written here (cpu) will be fp32" in caplog.text
 
