@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from storage.collection import (
-    DB_FILE,
     SHARDS_FILE,
     Collection,
     Document,
@@ -41,6 +40,7 @@ from storage.collection import (
     Manifest,
     Passage,
     WriteResult,
+    is_collection,
 )
 from storage.errors import CollectionExistsError, InvalidInputError, NotFoundError, StellaSearchError
 from storage.vector_index import DEFAULT_RECALL, INDEX_TYPE
@@ -156,7 +156,7 @@ class ShardedCollection:
         if not 2 <= shards <= MAX_SHARDS:
             raise InvalidInputError(f"shards is {shards}; a sharded collection has 2 to {MAX_SHARDS} shards")
         path = Path(path)
-        if (path / DB_FILE).exists() or is_sharded(path):
+        if is_collection(path):
             raise CollectionExistsError(f"a collection already exists at {path}; open it instead")
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.parent / f".{path.name}.creating-{secrets.token_hex(4)}"
