@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from indexer.onnx_backend import FFN_DOWN_MATMULS
+from indexer.onnx_backend import INT8_KEEP_FP32
 from storage.errors import InvalidInputError
 
 ENV_PREFIX = "STELLA_SEARCH_"
@@ -89,9 +89,10 @@ class EncoderSettings(_Section):
         return COMPILE_SWITCH_WORDS.get(value.strip().lower(), value) if isinstance(value, str) else value
 
     int8_keep_fp32: list[str] = Field(
-        default_factory=lambda: list(FFN_DOWN_MATMULS),
+        default_factory=lambda: list(INT8_KEEP_FP32),
         description="onnx-int8: regular expressions naming the graph's MatMul nodes kept in fp32 (default: the FFN "
-        "down projections of BERT and Qwen2/GTE layers); [] quantises every one",
+        "down projections of BERT and Qwen2/GTE layers, and the modules after the transformer such as the MRL "
+        "head); [] quantises every one",
     )
 
 
