@@ -2,7 +2,7 @@
 
 stella-search ingest corpus.jsonl --data-dir data --model minilm
 stella-search search "what is a vector index" --data-dir data -k 5
-stella-search eval ../shared/data/msmarco --model minilm
+stella-search eval tests/data/msmarco --model minilm
 stella-search optimize --data-dir data --index auto --recall 0.95
 stella-search info --data-dir data
 """

@@ -16,11 +16,11 @@ from search_api.cli import main
 from search_api.client import AsyncSearchClient, SearchAPIError, SearchClient
 from storage.collection import Collection, Manifest
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
+from conftest import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
 from server import RunningServer, free_port
 from test_quality import slice_dataset
 
-CORPUS = read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=80)
+CORPUS = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=80)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from indexer.sources import check_sources, read_documents
 from search_api.cli import main
 from storage.collection import Collection, Document
 
-from conftest import SHARED_DATA, read_jsonl, write_jsonl
+from conftest import DATA, read_jsonl, write_jsonl
 
 DOCS = [
     {"_id": "d1", "title": "Paris", "text": "Paris is the capital and largest city of France.", "lang": "en"},
@@ -211,7 +211,7 @@ def test_bad_options_are_clear_errors_and_change_nothing(tmp_path, args, into_ex
 
 def test_cli_ingest_search_info_round_trip(tmp_path):
     data_dir = tmp_path / "data"
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=60))
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=60))
     runner = CliRunner()
     result = runner.invoke(main, ["ingest", str(corpus), "--data-dir", str(data_dir), "--model", "minilm", "--json"])
     assert result.exit_code == 0, result.output
@@ -254,7 +254,7 @@ def test_chunking_in_rust_cuts_what_transformers_offsets_cut(model, minilm, tiny
     from transformers import AutoTokenizer
 
     tokenizer = minilm.chunk_tokenizer if model == "minilm" else AutoTokenizer.from_pretrained(str(tiny_stella))
-    docs = [_doc(r) for r in read_jsonl(SHARED_DATA / "scifact" / "corpus.jsonl", limit=60)]
+    docs = [_doc(r) for r in read_jsonl(DATA / "scifact" / "corpus.jsonl", limit=60)]
     docs += [
         Document("untitled", None, docs[0].text),
         Document("long-title", "word " * 400, docs[1].text),

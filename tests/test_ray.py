@@ -18,12 +18,12 @@ from search_api.client import SearchAPIError, SearchClient
 from storage.collection import Collection
 from storage.sharding import open_collection, reshard, shard_of
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, write_jsonl
+from conftest import DATA, cpu_settings, read_jsonl, write_jsonl
 from server import free_port
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 
-SCIFACT = SHARED_DATA / "scifact"
+SCIFACT = DATA / "scifact"
 
 
 @pytest.fixture(scope="module")
