@@ -187,11 +187,12 @@ def ingest_paths_on_ray(
     shards: int | None = None,
     address: str = "auto",
     workers: int | None = None,
+    strict: bool = False,
 ) -> IngestReport:
     """Ingest ``paths`` into collection ``name`` on the Ray cluster at ``address``, with ``workers`` encoder
     actors (default: one per GPU, else 2). Same result and guarantees as :func:`indexer.pipeline.ingest_paths`.
     """
-    total = check_sources(paths)
+    sources = check_sources(paths, strict)
     ray = connect(address)
     started = time.perf_counter()
     collection, _ = prepare_collection(
@@ -199,7 +200,7 @@ def ingest_paths_on_ray(
     )
     gpus = _gpus_per_actor(ray)
     workers = _check_workers(ray, workers, gpus, settings)
-    report = IngestReport()
+    report = IngestReport(documents_skipped=sources.skipped, skipped=sources.first_skipped)
     with collection, collection.writing(wait):
         states = {
             doc_id: (digest, _metadata_digest(metadata))
@@ -232,7 +233,7 @@ def ingest_paths_on_ray(
                 log.info(
                     "ingest on ray: %d/%d documents, %d passages written",
                     report.documents_seen,
-                    total,
+                    sources.documents,
                     report.passages_written,
                 )
         except Exception as exc:

@@ -257,7 +257,7 @@ class Encoder:
         symbolic batch and sequence sizes: one compilation serves them all, plus one for single-text batches
         (torch specialises on size 1), which the warm-up also triggers, so that the first request after a load
         does not wait for a compile (every load compiles again). On the GPU machine a static-shape compile of the
-        1.5B shape's causal forward alone took 39 s and lifted it from 47% to 62% MFU (../shared/gpu/README.md);
+        1.5B shape's causal forward alone took 39 s and lifted it from 47% to 62% MFU (a separate experiment);
         this path (dynamic shapes, bidirectional, end to end) is what ``scripts/bench_gpu.py``'s compiled rows
         measure, not yet run.
         """

@@ -3,7 +3,7 @@
 Documents are ranked by their best passage. Metrics: nDCG@10, recall@100 and MRR@10, averaged over every query
 that has judgements (a query with no results counts as 0).
 
->>> dataset = BeirDataset.load(Path("../shared/data/msmarco"))
+>>> dataset = BeirDataset.load(Path("tests/data/msmarco"))
 >>> evaluate(dataset, run)["ndcg@10"]
 0.7977
 """

@@ -1,7 +1,8 @@
 """The ingest pipeline: documents -> passages -> vectors -> one committed write per batch of documents.
 
 Unchanged documents (same title and text) are not re-encoded; a metadata-only change updates the row; changed
-documents get their passages replaced atomically.
+documents get their passages replaced atomically. Records with neither title nor text are skipped and named in
+the report (``strict`` refuses them instead).
 
 >>> report = ingest_paths([Path("corpus.jsonl")], Path("data"), "default", load_settings(cli=...))
 >>> report.passages_written
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class IngestReport:
     documents_seen: int = 0
+    # records with neither title nor text, left out; the first few as "file line N (document 'id')"
+    documents_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
     documents_added: int = 0
     documents_replaced: int = 0
     documents_unchanged: int = 0
@@ -285,18 +289,23 @@ def ingest_paths(
     dim: int | None = None,
     wait: float = 0.0,
     shards: int | None = None,
+    strict: bool = False,
 ) -> IngestReport:
     """Validate every input file, then ingest them into collection ``name`` (created if new).
 
     The run holds the collection's writer lock throughout: another writer waits up to ``wait`` seconds, then
     fails with a message naming the holder. Each batch commits on its own, so an interrupted run loses at most
-    the batch in flight, and running it again skips every committed document without re-encoding it.
+    the batch in flight, and running it again skips every committed document without re-encoding it. Records
+    with neither title nor text are skipped and counted in the report; ``strict`` refuses the whole ingest
+    instead, before anything is written.
     """
-    total = check_sources(paths)
+    sources = check_sources(paths, strict)
     collection, encoder = open_or_create_collection(data_dir, name, settings, model, dim, shards)
     with collection, collection.writing(wait):
         documents = (doc for path in paths for doc in read_documents(Path(path)))
-        return ingest_documents(collection, encoder, documents, settings, total=total)
+        report = ingest_documents(collection, encoder, documents, settings, total=sources.documents)
+    report.documents_skipped, report.skipped = sources.skipped, sources.first_skipped
+    return report
 
 
 def _progress(total: int | None, quiet: bool = False):

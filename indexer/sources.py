@@ -3,9 +3,14 @@
 Every bad record is an :class:`InvalidInputError` naming the file and line. :func:`check_sources` reads all
 inputs once before anything is written, so a bad line rejects the whole ingest and nothing stored changes.
 
+A record with a title and no text is a document (encoded from its title, stored with text ``""``), as BEIR's
+loader takes it; one with neither is an :class:`EmptyRecord`: skipped and counted, or refused under ``strict``.
+
 >>> docs = list(read_documents(Path("corpus.jsonl")))
 >>> docs[0].id, sorted(docs[0].metadata)
 ('4983', [])
+>>> check_sources([Path("corpus.jsonl")]).skipped
+0
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.collection import Document, metadata_to_json
@@ -23,6 +29,34 @@ TEXT_SUFFIXES = {".txt", ".md"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 CSV_SUFFIXES = {".csv", ".tsv"}
 ID_KEYS = ("_id", "id")
+NAMED_SKIPS = 5  # empty records named in an ingest summary; the rest are only counted
+
+
+@dataclass(frozen=True)
+class EmptyRecord:
+    """A record with an id but neither title nor text: nothing to encode."""
+
+    where: str
+    document_id: str
+
+    def __str__(self) -> str:
+        return f"{self.where} (document {self.document_id!r})"
+
+    def refusal(self) -> InvalidInputError:
+        """The error that rejects the whole ingest under ``strict``."""
+        return InvalidInputError(
+            f"{self.where}: document {self.document_id!r} has no text (a non-empty 'text' or 'title' field is "
+            "required; without --strict such records are skipped)"
+        )
+
+
+@dataclass
+class SourceCheck:
+    """What :func:`check_sources` found: the documents to ingest and the empty records it skips."""
+
+    documents: int = 0
+    skipped: int = 0
+    first_skipped: list[str] = field(default_factory=list)
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -35,15 +69,15 @@ def _decode(raw: bytes, where: str) -> str:
         ) from None
 
 
-def _document(record: dict, where: str) -> Document:
+def _document(record: dict, where: str) -> Document | EmptyRecord:
     doc_id = next((record[k] for k in ID_KEYS if record.get(k) not in (None, "")), None)
     if doc_id is None:
         raise InvalidInputError(f"{where}: record has no id (expected an '_id' or 'id' field)")
     if not isinstance(doc_id, (str, int)):
         raise InvalidInputError(f"{where}: id must be a string or integer, got {type(doc_id).__name__}")
     text = record.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError(f"{where}: document {doc_id!r} has no text (a non-empty 'text' field is required)")
+    if text is not None and not isinstance(text, str):
+        raise InvalidInputError(f"{where}: document {doc_id!r} has a non-string text")
     title = record.get("title")
     if title is not None and not isinstance(title, str):
         raise InvalidInputError(f"{where}: document {doc_id!r} has a non-string title")
@@ -59,10 +93,13 @@ def _document(record: dict, where: str) -> Document:
         metadata_to_json(str(doc_id), metadata)  # checked here, so a bad record rejects the ingest before any write
     except InvalidInputError as exc:
         raise InvalidInputError(f"{where}: {exc}") from None
+    text = text if text and text.strip() else ""
+    if not text and not (title and title.strip()):
+        return EmptyRecord(where, str(doc_id))
     return Document(str(doc_id), title or None, text, metadata)
 
 
-def _read_jsonl(path: Path) -> Iterator[Document]:
+def _read_jsonl(path: Path) -> Iterator[Document | EmptyRecord]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path} line {number}"
@@ -78,7 +115,7 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
             yield _document(record, where)
 
 
-def _read_csv(path: Path) -> Iterator[Document]:
+def _read_csv(path: Path) -> Iterator[Document | EmptyRecord]:
     raw = path.read_bytes()
     text = _decode_whole(raw, path)
     dialect = "excel-tab" if path.suffix == ".tsv" else "excel"
@@ -109,7 +146,16 @@ def _read_folder(root: Path) -> Iterator[Document]:
 
 
 def read_documents(path: Path) -> Iterator[Document]:
-    """Documents from one file or folder, validated record by record."""
+    """Documents from one file or folder, validated record by record; empty records are left out."""
+    return (record for record in read_records(path) if isinstance(record, Document))
+
+
+def read_records(path: Path) -> Iterator[Document | EmptyRecord]:
+    """The records of one file or folder in order: documents, and the empty records :func:`check_sources` counts.
+
+    >>> [type(r).__name__ for r in read_records(Path("corpus.jsonl"))][:2]
+    ['Document', 'EmptyRecord']
+    """
     path = Path(path)
     if path.is_dir():
         return _read_folder(path)
@@ -134,18 +180,36 @@ def _read_folder_file(path: Path) -> Iterator[Document]:
     yield Document(path.name, None, text, {"path": path.name, "format": path.suffix.lower().lstrip(".")})
 
 
-def check_sources(paths: Sequence[Path]) -> int:
-    """Read every input once, raising on the first bad record or repeated id; returns the document count."""
+def check_sources(paths: Sequence[Path], strict: bool = False) -> SourceCheck:
+    """Read every input once, raising on the first bad record or repeated id; count the documents and the empty
+    records (neither title nor text), which ``strict`` refuses like a bad record.
+
+    >>> check_sources([Path("corpus.jsonl")]).documents
+    5183
+    """
     seen: dict[str, str] = {}
-    count = 0
+    check = SourceCheck()
     for path in paths:
-        file_count = 0
-        for doc in read_documents(Path(path)):
-            if doc.id in seen:
-                raise InvalidInputError(f"{path}: document id {doc.id!r} appears twice (first in {seen[doc.id]})")
-            seen[doc.id] = str(path)
+        file_count = file_skipped = 0
+        for record in read_records(Path(path)):
+            if isinstance(record, EmptyRecord):
+                if strict:
+                    raise record.refusal()
+                file_skipped += 1
+                if len(check.first_skipped) < NAMED_SKIPS:
+                    check.first_skipped.append(str(record))
+                continue
+            if record.id in seen:
+                raise InvalidInputError(f"{path}: document id {record.id!r} appears twice (first in {seen[record.id]})")
+            seen[record.id] = str(path)
             file_count += 1
         if file_count == 0:
-            raise InvalidInputError(f"{path}: no documents found (the file or folder is empty)")
-        count += file_count
-    return count
+            detail = (
+                f"its {file_skipped} record(s) have neither title nor text"
+                if file_skipped
+                else "the file or folder is empty"
+            )
+            raise InvalidInputError(f"{path}: no documents found ({detail})")
+        check.documents += file_count
+        check.skipped += file_skipped
+    return check

@@ -13,8 +13,8 @@ client sharing the machine with the servers (2 cores here), which the JSON recor
 On the GPU machine (item 3's single-query p50 through HTTP with the Stella-1.5B shape): ``--shape 1.5b --device
 cuda`` builds the full-size random-weight Stella-1.5B-shaped folder (its byte-level BPE trained on the indexed
 documents) into ``--model-dir`` (kept; an existing folder is reused, e.g. the one bench_gpu.py built), indexes
-the documents with it on the GPU and serves it from there. ``--data`` names the BEIR folders when
-``../shared/data`` is not there (``.carry/data`` from scripts/gpu_wheels.sh).
+the documents with it on the GPU and serves it from there. ``--data`` names the BEIR folders (default: the
+repository's ``tests/data``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def percentiles(samples_s: list[float]) -> dict:
@@ -50,7 +50,7 @@ def percentiles(samples_s: list[float]) -> dict:
     }
 
 
-def load_queries(data: Path = SHARED) -> list[str]:
+def load_queries(data: Path = DATA) -> list[str]:
     """The real queries of msmarco, scifact and dbpedia (those of them ``data`` holds)."""
     queries = []
     for name in ("msmarco", "scifact", "dbpedia"):
@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=["1.5b", "tiny"], help="serve a Stella-1.5B-shaped random-weight model")
     parser.add_argument("--model-dir", type=Path, help="where --shape keeps (or finds) its folder")
     parser.add_argument("--device", default="cpu", help="the servers' and the in-process encoder's device")
-    parser.add_argument("--data", type=Path, default=SHARED, help="folder of the BEIR corpora (msmarco, ...)")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of the BEIR corpora (msmarco, ...)")
     parser.add_argument(
         "--seed-server",
         action="store_true",

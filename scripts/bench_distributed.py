@@ -26,7 +26,7 @@ from pathlib import Path
 from bench_api import free_port, load_level, load_queries, percentiles, wait_ready
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def single_queries(url: str, queries: list[str], collection: str, n: int) -> dict:
@@ -82,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         corpus = root / "corpus.jsonl"
-        with open(SHARED / "msmarco" / "corpus.jsonl", encoding="utf-8") as source, open(corpus, "w") as out:
+        with open(DATA / "msmarco" / "corpus.jsonl", encoding="utf-8") as source, open(corpus, "w") as out:
             for _, line in zip(range(args.docs), source):
                 out.write(line)
         settings = load_settings(cli={"encoder": {"model": "minilm"}, "processing": {"device": "cpu"}})

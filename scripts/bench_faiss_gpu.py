@@ -3,7 +3,7 @@ that stays exact, and whether GPU indexes honour an ``IDSelector``; written as J
 search in the same run.
 
 The vectors are bench_scale.py's real passage set (the same windows, options and cache; ``--encode-device cuda``
-encodes on the GPU) and the queries are the 383 real queries of the shared sets. Sections:
+encodes on the GPU) and the queries are the 383 real queries of the carried sets. Sections:
 
 - **flat**: the project's ``VectorIndex`` (a GPU copy of ``IDMap2,Flat`` where faiss sees a GPU): top-10 agreement
   with CPU exact search, batch-1 p50/p99, and queries/s for all queries in one batch.
@@ -45,8 +45,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scale import (  # noqa: E402
+    DATA,
     ROOT,
-    SHARED_DATA,
     encode_cached,
     latencies_ms,
     load_encoder,
@@ -115,7 +115,7 @@ def main() -> None:
     n, dim = vectors.shape
     ids = np.arange(1, n + 1, dtype="int64")
     encoder = load_encoder(args.batch_size, args.encode_device)
-    queries = encoder.encode_queries(real_queries(SHARED_DATA)[0])
+    queries = encoder.encode_queries(real_queries(DATA)[0])
     del encoder
     gpus = gpu_count()
     print(f"{n} vectors of {dim} dims, {len(queries)} queries, {gpus} GPU(s)", file=sys.stderr)

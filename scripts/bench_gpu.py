@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def forward_flops_per_token(config, seq_len: int, head_dim_out: int) -> float:
@@ -111,7 +111,7 @@ def main() -> None:
         "--corpora",
         type=Path,
         nargs="+",
-        default=[SHARED / "msmarco" / "corpus.jsonl", SHARED / "scifact" / "corpus.jsonl"],
+        default=[DATA / "msmarco" / "corpus.jsonl", DATA / "scifact" / "corpus.jsonl"],
     )
     parser.add_argument("--limit", type=int, default=2000, help="documents per corpus")
     parser.add_argument("--fixed-texts", type=int, default=256, help="512-token texts")

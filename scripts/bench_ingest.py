@@ -6,8 +6,8 @@ project's bare encoder on the same texts (``Encoder.encode_passages``) and a ful
 corpus into a fresh collection (read, validate, chunk, encode, SQLite commit with vectors, FAISS, checkpoint);
 their ratio is the pipeline's overhead. Ratios are against the baseline of the same corpus in the same run.
 
-    python scripts/bench_ingest.py ../shared/data/msmarco/corpus.jsonl ../shared/data/scifact/corpus.jsonl
-    python scripts/bench_ingest.py ../shared/data/msmarco/corpus.jsonl ../shared/data/scifact/corpus.jsonl \
+    python scripts/bench_ingest.py tests/data/msmarco/corpus.jsonl tests/data/scifact/corpus.jsonl
+    python scripts/bench_ingest.py tests/data/msmarco/corpus.jsonl tests/data/scifact/corpus.jsonl \
         --limit 1500 --backends onnx-int8 --rounds 3 --out scripts/results/bench_ingest_default.json
 """
 

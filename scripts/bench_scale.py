@@ -1,13 +1,13 @@
 """Index types at scale on real embeddings: Flat against IVF, HNSW and the auto-chosen index, in one run.
 
-The passage set is real text only: every BEIR corpus under ``../shared/data`` split into overlapping windows of
+The passage set is real text only: every BEIR corpus under ``tests/data`` split into overlapping windows of
 1-3 consecutive sentences (every start sentence, every length), plus the Python reference documentation that ships
 with the interpreter (``pydoc_data.topics``), windowed the same way. Windows are shuffled with a fixed seed and
 encoded by the embedded MiniLM (ONNX Runtime, the fastest CPU path) in chunks cached under ``.stella-cache/``,
 for at most ``--encode-minutes``: N is whatever that budget encodes. Reruns reuse the cache.
 
 Per index type (one FAISS thread, one query at a time, k=10): build time, bytes per vector (serialised index /
-N), search p50/p99, recall@10 against exact search for the 383 real queries of the three shared sets and for
+N), search p50/p99, recall@10 against exact search for the 383 real queries of the three carried sets and for
 held-out passages (labelled: passages-as-queries flatter an index), and speed against Flat measured in this run.
 A labelled synthetic section then draws 1M vectors from a Gaussian with the real set's mean and covariance
 (normalised) for memory and latency only: no recall figure comes from it.
@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"
 CACHE = ROOT / ".stella-cache" / "bench_scale"
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 CHUNK = 8192  # windows encoded and cached per file: an interrupted encode loses at most one chunk
@@ -113,7 +113,7 @@ def is_prose(paragraph: str) -> bool:
 def docstring_windows(longest: int = 3) -> list[tuple[str, str]]:
     """(window, module) of the prose paragraphs of the docstrings of every installed package (site-packages):
     real English documentation that the package registry delivers, windowed like the corpora. Reaching a
-    million real windows on the GPU machine needs more text than the shared corpora hold (178k windows)."""
+    million real windows on the GPU machine needs more text than the carried corpora hold (178k windows)."""
     import ast
     import site
 
@@ -142,7 +142,7 @@ def passage_set(docstrings: bool = False, longest: int = 3) -> tuple[list[str], 
     """(windows, their source documents, windows per source): deduplicated, shuffled with a fixed seed (so any
     prefix samples every source). ``docstrings`` adds the installed packages' documentation; windows are runs of
     1..``longest`` sentences."""
-    sources = corpus_windows(SHARED_DATA, longest)
+    sources = corpus_windows(DATA, longest)
     sources["python-docs"] = python_docs_windows(longest)
     if docstrings:
         sources["docstrings"] = docstring_windows(longest)
@@ -156,7 +156,7 @@ def passage_set(docstrings: bool = False, longest: int = 3) -> tuple[list[str], 
 
 
 def real_queries(data_root: Path) -> tuple[list[str], list[str]]:
-    """(texts, data set names) of every query of every shared data set."""
+    """(texts, data set names) of every query of every carried data set."""
     texts, names = [], []
     for queries in sorted(data_root.glob("*/queries.jsonl")):
         with open(queries, encoding="utf-8") as f:
@@ -268,7 +268,7 @@ def real_section(
     from storage.vector_index import recall_at_k
 
     encoder = load_encoder(64)
-    query_texts, query_sets = real_queries(SHARED_DATA)
+    query_texts, query_sets = real_queries(DATA)
     real = encoder.encode_queries(query_texts)
     for text in query_texts[:5]:  # warm-up
         encoder.encode_queries([text])
@@ -455,7 +455,7 @@ def plot(result: dict, path: Path) -> None:
     # the median, not the mean: other jobs on the shared 2 cores add latency spikes that swamp a mean
     ax.set_xlabel("queries/s at the median latency (1000 / p50 ms; one thread, batch 1, k=10)")
     ax.set_ylabel("recall@10 vs exact (383 real queries)")
-    ax.set_title(f"MiniLM windows of the shared corpora + Python docs, N={real['n']:,}")
+    ax.set_title(f"MiniLM windows of the carried corpora + Python docs, N={real['n']:,}")
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
 # The pure-Python packages scripts/bench_gpu.py and bench_api.py need that the GPU machine lacks (it has torch,
 # transformers, sentence-transformers, numpy, pyyaml, httpx, typer; no pydantic, sqlite-utils, fastapi, uvicorn,
-# faiss; no package registry; faiss-cpu serves bench_api's small collection, and a FAISS GPU installed by
-# ../shared/gpu/faiss-parts.sh into /tmp/faiss-site shadows it when put first on PYTHONPATH). Run it here, in the project's root: it downloads wheels for the machine's Python 3.12
-# into .carry/wheels and copies the msmarco and scifact corpora and the three query sets (which do not travel
-# from ../shared) into .carry/data, both ignored by git.
-# Then one device call:  carry [".carry/wheels", ".carry/data"], command
+# faiss; no package registry; faiss-cpu serves bench_api's small collection, and a FAISS GPU build installed into
+# /tmp/faiss-site shadows it when put first on PYTHONPATH). Run it here, in the project's root: it downloads wheels
+# for the machine's Python 3.12 into .carry/wheels, ignored by git. The corpora travel with the working tree
+# (tests/data, the scripts' default).
+# Then one device call:  carry [".carry/wheels"], command
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl &&
-#   PYTHONPATH=/tmp/site:. python3 scripts/bench_gpu.py --out $OUT/bench_gpu.json \
-#     --corpora .carry/data/msmarco/corpus.jsonl .carry/data/scifact/corpus.jsonl --model-dir /tmp/stella-1.5b
+#   PYTHONPATH=/tmp/site:. python3 scripts/bench_gpu.py --out $OUT/bench_gpu.json --model-dir /tmp/stella-1.5b
 # and, while the machine is warm (the folder is kept in /tmp), the same install then
 #   PYTHONPATH=/tmp/site:. python3 scripts/bench_api.py --shape 1.5b --model-dir /tmp/stella-1.5b --device cuda \
-#     --data .carry/data --out $OUT/bench_api_gpu.json
+#     --out $OUT/bench_api_gpu.json
 set -eu
 root=$(git rev-parse --show-toplevel)
 dest="$root/.carry/wheels"
@@ -24,10 +23,5 @@ python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implement
   "pydantic>=2.7" "sqlite-utils>=4.0" "fastapi>=0.115" "uvicorn>=0.30" "faiss-cpu==1.15.1"
 # what the machine already has (numpy, pyyaml, pip) would only shadow its own
 rm -f "$dest"/numpy-* "$dest"/PyYAML-* "$dest"/pyyaml-* "$dest"/pip-*
-for corpus in msmarco scifact dbpedia; do
-  mkdir -p "$root/.carry/data/$corpus"
-  cp "$root/../shared/data/$corpus/queries.jsonl" "$root/.carry/data/$corpus/"
-  [ "$corpus" = dbpedia ] || cp "$root/../shared/data/$corpus/corpus.jsonl" "$root/.carry/data/$corpus/"
-done
 ls "$dest"
-du -sh "$dest" "$root/.carry/data"
+du -sh "$dest"

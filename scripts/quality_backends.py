@@ -1,9 +1,9 @@
-"""Retrieval quality (nDCG@10, recall@100, MRR@10) of each encoder backend on the shared BEIR sets, as JSON.
+"""Retrieval quality (nDCG@10, recall@100, MRR@10) of each encoder backend on the carried BEIR sets, as JSON.
 
 Each figure is one ``stella-search eval`` run into a fresh data directory (the corpus is ingested by the backend
 under test, and its queries encoded by it), so the figures are exactly what a user of that backend gets.
 
-    python scripts/quality_backends.py ../shared/data/msmarco ../shared/data/dbpedia ../shared/data/scifact
+    python scripts/quality_backends.py tests/data/msmarco tests/data/dbpedia tests/data/scifact
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 stella-search ingest corpus.jsonl --data-dir data --model minilm
 stella-search search "what is a vector index" --data-dir data -k 5
-stella-search eval ../shared/data/msmarco --model minilm
+stella-search eval tests/data/msmarco --model minilm
 stella-search optimize --data-dir data --index auto --recall 0.95
 stella-search info --data-dir data
 """
@@ -133,11 +133,14 @@ def main(verbose: bool) -> None:
 )
 @click.option("--ray", "ray_address", help="encode on a Ray cluster: 'auto' (the running one) or its ADDRESS")
 @click.option("--workers", type=click.IntRange(1), help="with --ray: encoder actors (default: one per GPU, else 2)")
+@click.option(
+    "--strict", is_flag=True, help="refuse the whole ingest on a record with neither title nor text (default: skip it)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def ingest(paths, config, wait, shards, ray_address, workers, as_json, **flags):
+def ingest(paths, config, wait, shards, ray_address, workers, strict, as_json, **flags):
     """Split, encode and index documents from JSONL (BEIR), CSV, .txt/.md files or folders."""
     settings = _settings(config, **flags)
-    arguments = dict(model=flags["model"], dim=flags["dim"], wait=wait, shards=shards)
+    arguments = dict(model=flags["model"], dim=flags["dim"], wait=wait, shards=shards, strict=strict)
     if ray_address:
         from indexer.distributed import ingest_paths_on_ray
 
@@ -160,6 +163,13 @@ def ingest(paths, config, wait, shards, ray_address, workers, as_json, **flags):
             f"in {report.seconds:.1f}s; collection now {report.collection['documents']} documents, "
             f"{report.collection['passages']} passages"
         )
+        if report.documents_skipped:
+            more = report.documents_skipped - len(report.skipped)
+            click.echo(
+                f"{report.documents_skipped} records skipped (neither title nor text; --strict refuses them): "
+                + ", ".join(report.skipped)
+                + (f" and {more} more" if more else "")
+            )
 
 
 def _search_options(func):
@@ -308,9 +318,13 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
         with collection:
             if collection.count_documents() == 0:
                 log.info("collection %s is empty: ingesting %s", collection.name, dataset.corpus)
-                total = check_sources([dataset.corpus])
+                sources = check_sources([dataset.corpus])
+                if sources.skipped:
+                    log.info("%d records with neither title nor text skipped", sources.skipped)
                 with collection.writing():
-                    ingest_documents(collection, encoder, read_documents(dataset.corpus), settings, total=total)
+                    ingest_documents(
+                        collection, encoder, read_documents(dataset.corpus), settings, total=sources.documents
+                    )
             retriever = Retriever(collection, encoder)
 
             def search_fn(queries, k):

@@ -123,7 +123,7 @@ class BatchSearchResponse(BaseModel):
 class DocumentIn(_Strict):
     id: str = Field(..., min_length=1, max_length=512)
     title: str | None = None
-    text: str = Field(..., min_length=1)
+    text: str = Field(..., description='may be "" when a title is given: the document is then encoded from its title')
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     model_config = ConfigDict(

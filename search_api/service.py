@@ -376,8 +376,8 @@ class SearchService:
             raise InvalidInputError(f"document ids must be unique within a request; repeated: {repeated[:5]}")
         max_chars = self.settings.server.max_document_chars
         for doc in documents:
-            if not doc.text.strip():
-                raise InvalidInputError(f"document {doc.id!r} has empty text")
+            if not doc.text.strip() and not (doc.title or "").strip():
+                raise InvalidInputError(f"document {doc.id!r} has empty text and no title: give it either")
             metadata_to_json(doc.id, doc.metadata)
             if len(doc.text) > max_chars:
                 raise PayloadTooLargeError(
@@ -393,7 +393,8 @@ class SearchService:
             report = ingest_documents(
                 collection,
                 encoder,
-                [Document(d.id, d.title or None, d.text, d.metadata) for d in documents],
+                # a blank text is stored as "": the document is encoded from its title, as a file ingest does
+                [Document(d.id, d.title or None, d.text if d.text.strip() else "", d.metadata) for d in documents],
                 self.settings,
                 batch_documents=len(documents),
                 checkpoint=False,

@@ -14,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The BEIR subsets the repository carries (see tests/data/SOURCE.md).
+DATA = ROOT / "tests" / "data"
 
 
 def cpu_settings(**encoder):

@@ -16,11 +16,11 @@ from search_api.cli import main
 from search_api.client import AsyncSearchClient, SearchAPIError, SearchClient
 from storage.collection import Collection, Manifest
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
+from conftest import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
 from server import RunningServer, free_port
 from test_quality import slice_dataset
 
-CORPUS = read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=80)
+CORPUS = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=80)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,18 @@ def test_upsert_get_search_delete_round_trip(client):
     assert err.value.status_code == 404 and "zebra-1" in err.value.detail
 
 
+def test_a_title_only_document_is_upserted_encoded_from_its_title_and_found(client):
+    doc = {"id": "okapi-1", "title": "The okapi, a forest giraffe of the Congo", "text": ""}
+    result = client.upsert([doc])
+    assert (result.added, result.passages_written) == (1, 1)
+    stored = client.get("okapi-1")
+    assert (stored.title, stored.text, [p.text for p in stored.passages]) == (doc["title"], "", [""])
+    assert client.search("forest giraffe", k=1).results[0].id == "okapi-1"
+    assert client.search("okapi", k=1, mode="lexical").results[0].id == "okapi-1"
+    assert client.upsert([dict(doc, text="   ")]).unchanged == 1  # a blank text is no text
+    client.delete("okapi-1")
+
+
 def test_ids_with_slashes_and_brackets_round_trip(client):
     assert client.get("<dbpedia:Oceanic_Airlines>").title == "Oceanic Airlines"
     client.upsert([{"id": "notes/2024/a b.md", "text": "path-like identifiers survive the URL"}])
@@ -136,6 +148,14 @@ ERROR_CASES = [
         "repeated: ['a']",
     ),
     ("POST", "/collections/default/documents", {"documents": [{"id": "a", "text": " "}]}, 400, "empty text"),
+    ("POST", "/collections/default/documents", {"documents": [{"id": "a", "text": ""}]}, 400, "and no title"),
+    (
+        "POST",
+        "/collections/default/documents",
+        {"documents": [{"id": "a", "title": " ", "text": ""}]},
+        400,
+        "empty text and no title",
+    ),
     ("POST", "/collections/default/documents", {"documents": [{"id": "a"}]}, 422, "text: Field required"),
     (
         "POST",

@@ -25,7 +25,7 @@ from storage.errors import CollectionBusyError, CorruptCollectionError, InvalidI
 from storage.filters import compile_filter
 from storage.snapshots import restore_snapshot, take_snapshot
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
+from conftest import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
 from server import RunningServer
 
 STELLA = str(Path(sys.executable).parent / "stella-search")
@@ -130,7 +130,7 @@ def test_sql_in_values_is_only_ever_a_bound_parameter(tmp_path):
 
 def test_searches_see_each_upsert_whole_or_not_at_all(tmp_path, minilm):
     data = tmp_path / "data"
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=40))
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=40))
     ingest_paths([corpus], data, "default", cpu_settings(), model="minilm")
     batch, batches = 25, 6
     seen_counts, errors = [], []
@@ -209,7 +209,7 @@ def test_a_second_writer_waits_or_fails_naming_the_holder(tmp_path):
 
 def test_two_ingest_processes_on_one_collection(tmp_path):
     data = tmp_path / "data"
-    records = read_jsonl(SHARED_DATA / "msmarco" / "corpus.jsonl", limit=240)
+    records = read_jsonl(DATA / "msmarco" / "corpus.jsonl", limit=240)
     halves = [write_jsonl(tmp_path / f"{i}.jsonl", records[i * 120 : (i + 1) * 120]) for i in range(2)]
     procs = [
         subprocess.Popen(
@@ -250,7 +250,7 @@ def test_the_server_sees_writes_made_by_another_process(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_an_interrupted_ingest_resumes_without_reencoding_committed_batches(tmp_path, sig):
     data = tmp_path / "data"
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(SHARED_DATA / "msmarco" / "corpus.jsonl", limit=700))
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "msmarco" / "corpus.jsonl", limit=700))
     env = {**os.environ, "STELLA_SEARCH_INGEST__COMMIT_DOCUMENTS": "25"}
     args = [STELLA, "ingest", str(corpus), "--data-dir", str(data), "--model", "minilm", "--json"]
     # a shell without job control starts background jobs with SIGINT ignored, and children inherit that: give the
@@ -296,7 +296,7 @@ def test_an_interrupted_ingest_resumes_without_reencoding_committed_batches(tmp_
 
 def test_snapshot_while_serving_then_restore_verified(tmp_path):
     data = tmp_path / "data"
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=30))
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=30))
     ingest_paths([corpus], data, "default", cpu_settings(), model="minilm")
     with RunningServer(server_settings(data)) as server, SearchClient(server.url, retries=0) as client:
         taken = httpx.post(f"{server.url}/collections/default/snapshots").json()

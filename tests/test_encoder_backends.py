@@ -12,7 +12,7 @@ from indexer.pipeline import encoder_for_collection
 from indexer.sources import read_documents
 from storage.collection import Collection
 
-from conftest import SHARED_DATA, cpu_settings
+from conftest import DATA, cpu_settings
 
 TEXTS = [
     "short",
@@ -27,7 +27,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def passages() -> list[str]:
     """Real msmarco passages, the kind of text the int8 graph has to keep close to fp32."""
-    documents = list(read_documents(SHARED_DATA / "msmarco" / "corpus.jsonl"))[:64]
+    documents = list(read_documents(DATA / "msmarco" / "corpus.jsonl"))[:64]
     return [d.text for d in documents]
 
 
@@ -59,7 +59,7 @@ def test_cuda_batches_cap_their_padding_on_real_passage_lengths(minilm):
     """The CUDA cut (padding_capped_batches) on the lengths of 2,000 chunked msmarco documents at the budget of
     batch 128 x 512 tokens: every passage once, within the budget, each batch that holds 4,096 real tokens
     within 3% padding, and the whole far below what filling every batch to the budget pads."""
-    documents = list(read_documents(SHARED_DATA / "msmarco" / "corpus.jsonl"))[:2000]
+    documents = list(read_documents(DATA / "msmarco" / "corpus.jsonl"))[:2000]
     chunker = Chunker(minilm.chunk_tokenizer, 512, 32, None)
     texts = [text_to_encode(title, p.text) for title, ps in chunker.split_for_encoding(documents) for p in ps]
     lengths = np.array([len(ids) for ids in minilm.tokenizer(texts, truncation=True, max_length=512)["input_ids"]])

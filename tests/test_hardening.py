@@ -17,7 +17,7 @@ from search_api.client import SearchClient
 from storage.collection import Collection, Document, Manifest, Passage
 from storage.filters import compile_filter
 
-from conftest import SHARED_DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, server_settings, write_jsonl
+from conftest import DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, server_settings, write_jsonl
 from server import RunningServer
 
 STELLA = str(Path(sys.executable).parent / "stella-search")
@@ -29,7 +29,7 @@ def serve(data_dir, **server):
 
 @pytest.fixture
 def data(tmp_path):
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=30))
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=30))
     ingest_paths([corpus], tmp_path / "data", "default", cpu_settings(), model="minilm")
     return tmp_path / "data"
 

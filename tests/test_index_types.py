@@ -18,7 +18,7 @@ from storage.errors import InvalidInputError
 from storage.vector_index import AUTO_FLAT_MAX, INDEX_TYPE, recall_at_k, resolve_index_type
 
 from bench_scale import sentences
-from conftest import SHARED_DATA, read_jsonl, write_jsonl
+from conftest import DATA, read_jsonl, write_jsonl
 
 STORED = 1000
 HELD_OUT = 150
@@ -32,7 +32,7 @@ def passages(minilm):
     Single sentences keep the one encode this module does short on a 2-core machine.
     """
     texts = []
-    for record in read_jsonl(SHARED_DATA / "msmarco" / "corpus.jsonl"):
+    for record in read_jsonl(DATA / "msmarco" / "corpus.jsonl"):
         texts += [t for t in dict.fromkeys(sentences(record["text"])) if t not in texts][:2]
         if len(texts) >= STORED + HELD_OUT:
             break
@@ -176,7 +176,7 @@ def test_optimize_from_the_cli_and_info_shows_it(tmp_path, passages, manifest):
     info = json.loads(runner.invoke(main, ["info", "--data-dir", str(tmp_path), "--collection", "c"]).output)[0]
     assert info["index_type"] == "IVF113,SQ8" and info["index_params"]["search"]["nprobe"] >= 1
     assert info["index_params"]["recall_at_10"] >= 0.95 and info["optimize_advised"] is None
-    queries = write_jsonl(tmp_path / "queries.jsonl", read_jsonl(SHARED_DATA / "msmarco" / "queries.jsonl"))
+    queries = write_jsonl(tmp_path / "queries.jsonl", read_jsonl(DATA / "msmarco" / "queries.jsonl"))
     args = [
         "optimize",
         "--data-dir",

@@ -1,4 +1,5 @@
-"""Ingest: chunking, idempotent re-ingest, replacement, restart, and bad input rejected whole."""
+"""Ingest: chunking, idempotent re-ingest, replacement, restart, title-only and empty records, and bad input
+rejected whole."""
 
 import hashlib
 import json
@@ -12,8 +13,9 @@ from indexer.pipeline import ingest_documents
 from indexer.sources import check_sources, read_documents
 from search_api.cli import main
 from storage.collection import Collection, Document
+from storage.errors import InvalidInputError
 
-from conftest import SHARED_DATA, read_jsonl, write_jsonl
+from conftest import DATA, read_jsonl, write_jsonl
 
 DOCS = [
     {"_id": "d1", "title": "Paris", "text": "Paris is the capital and largest city of France.", "lang": "en"},
@@ -138,7 +140,54 @@ def test_sources_keep_every_other_field_as_metadata(tmp_path):
     (row,) = read_documents(csv_path)
     assert (row.id, row.title, row.text, row.metadata) == ("a", "Alpha", "first text", {"lang": "en"})
     assert [d.id for d in read_documents(folder)] == ["sub/one.md", "two.txt"]
-    assert check_sources([path, csv_path, folder]) == 4
+    assert check_sources([path, csv_path, folder]).documents == 4
+
+
+def test_a_record_with_a_title_and_no_text_is_a_document_and_one_with_neither_is_skipped(tmp_path):
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"_id": "t1", "title": "Only a title", "text": ""},
+            {"_id": "t2", "title": "No text field"},
+            {"_id": "t3", "title": "Blank text", "text": "  \n "},
+            {"_id": "e1", "title": "", "text": ""},
+            {"_id": "e2", "title": "   "},
+        ],
+    )
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text("id,title,text\nc1,A title in a row,\nc2,,\n", encoding="utf-8")
+    documents = list(read_documents(path)) + list(read_documents(csv_path))
+    assert [(d.id, d.title, d.text) for d in documents] == [
+        ("t1", "Only a title", ""),
+        ("t2", "No text field", ""),
+        ("t3", "Blank text", ""),
+        ("c1", "A title in a row", ""),
+    ]
+    check = check_sources([path, csv_path])
+    assert (check.documents, check.skipped) == (4, 3)
+    assert check.first_skipped == [
+        f"{path} line 4 (document 'e1')",
+        f"{path} line 5 (document 'e2')",
+        f"{csv_path} line 3 (document 'c2')",
+    ]
+    with pytest.raises(InvalidInputError, match=r"c.jsonl line 4: document 'e1' has no text"):
+        check_sources([path, csv_path], strict=True)
+
+
+def test_a_title_only_document_is_one_empty_passage_encoded_from_its_whole_title(minilm):
+    chunker = Chunker(minilm.chunk_tokenizer, minilm.max_seq_length, overlap=32)
+    # over half the window, which a title next to text may not take: with no text it is kept whole
+    title = " ".join(f"headline word{i}" for i in range(45))
+    title_tokens = len(minilm.tokenizer(title, add_special_tokens=False)["input_ids"])
+    assert chunker.window // 2 < title_tokens < chunker.window
+    longer = " ".join(f"headline word{i}" for i in range(150))  # over the whole window: cut to fit it
+    [(encoded, passages), (encoded_longer, _)] = chunker.split_for_encoding(
+        [Document("t", title, ""), Document("t2", longer, "")]
+    )
+    assert [(p.text, p.start, p.end) for p in passages] == [("", 0, 0)]
+    assert encoded == title and text_to_encode(encoded, passages[0].text) == title
+    assert longer.startswith(encoded_longer) and len(encoded_longer) < len(longer)
+    assert len(minilm.tokenizer(encoded_longer)["input_ids"]) == minilm.max_seq_length
 
 
 def _sha(path):
@@ -151,11 +200,11 @@ BAD_INPUTS = {
         b'{"_id": "a", "text": "fine"}\n{"_id": "b", "text": oops}\n',
         r"bad.jsonl line 2: not JSON",
     ),
-    "no text": (
-        b'{"_id": "a", "text": "fine"}\n{"_id": "b"}\n{"_id": "c", "text": "x"}\n',
-        r"bad.jsonl line 2: document 'b' has no text",
+    "text not a string": (
+        b'{"_id": "a", "text": "fine"}\n{"_id": "b", "title": "T", "text": 5}\n',
+        r"bad.jsonl line 2: document 'b' has a non-string text",
     ),
-    "blank text": (b'{"_id": "a", "text": "   "}\n', r"bad.jsonl line 1: document 'a' has no text"),
+    "only empty records": (b'{"_id": "a", "text": "   "}\n', r"bad.jsonl: no documents found \(its 1 record"),
     "no id": (b'{"text": "orphan"}\n', r"bad.jsonl line 1: record has no id"),
     "not UTF-8": (
         b'{"_id": "a", "text": "fine"}\n{"_id": "b", "text": "caf\xe9"}\n',
@@ -185,6 +234,114 @@ def test_bad_input_is_rejected_whole_and_nothing_stored_changes(tmp_path, case):
     assert _sha(db) == before
 
 
+EMPTY_RECORDS = {
+    "no text": b'{"_id": "a", "text": "fine"}\n{"_id": "b"}\n{"_id": "c", "text": "x"}\n',
+    "blank text": b'{"_id": "a", "text": "fine"}\n{"_id": "b", "text": "   "}\n',
+    "blank title and text": b'{"_id": "a", "text": "fine"}\n{"_id": "b", "title": " ", "text": ""}\n',
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_RECORDS)
+def test_strict_refuses_an_empty_record_whole_and_nothing_stored_changes(tmp_path, case):
+    data_dir = tmp_path / "data"
+    good = write_jsonl(tmp_path / "good.jsonl", DOCS)
+    runner = CliRunner()
+    assert runner.invoke(main, ["ingest", str(good), "--data-dir", str(data_dir), "--model", "minilm"]).exit_code == 0
+    db = data_dir / "default" / "collection.db"
+    before = _sha(db)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(EMPTY_RECORDS[case])
+    arguments = ["ingest", str(good), str(bad), "--data-dir", str(data_dir), "--model", "minilm"]
+    result = runner.invoke(main, [*arguments, "--strict"])
+    assert result.exit_code == 2 and result.output.startswith("error: "), result.output
+    assert re.search(r"bad.jsonl line 2: document 'b' has no text", result.output), result.output
+    assert _sha(db) == before
+    result = runner.invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    assert f"1 records skipped (neither title nor text; --strict refuses them): {bad} line 2 (document 'b')" in (
+        result.output
+    )
+
+
+TITLE_ONLY_CORPUS = [
+    {"_id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."},
+    {"_id": "photo", "title": "Photosynthesis: how green plants turn sunlight into chemical energy", "text": ""},
+    {"_id": "blank", "title": "", "text": ""},
+    {"_id": "volcano", "title": "The eruption of Mount Vesuvius that buried Pompeii", "text": "  "},
+    {"_id": "nothing"},
+    {"_id": "rust", "title": "Rust", "text": "Rust is a systems programming language focused on safety."},
+    {"_id": "okapi", "title": "The okapi, a forest giraffe of the Congo"},
+    {"_id": "e3", "text": ""},
+    {"_id": "e4", "title": None, "text": None},
+    {"_id": "e5", "title": "", "text": " "},
+    {"_id": "e6", "title": "\t"},
+    {"_id": "guitar", "title": "Guitar tunings", "text": "Standard tuning of a six-string guitar is E A D G B E."},
+]
+
+
+def test_title_only_records_are_ingested_searchable_and_unchanged_on_reingest(tmp_path, minilm):
+    corpus = write_jsonl(tmp_path / "c.jsonl", TITLE_ONLY_CORPUS)
+    data_dir = tmp_path / "data"
+    runner = CliRunner()
+    arguments = ["ingest", str(corpus), "--data-dir", str(data_dir), "--model", "minilm"]
+    result = runner.invoke(main, [*arguments, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert (report["documents_seen"], report["documents_added"], report["passages_written"]) == (6, 6, 6)
+    assert report["documents_skipped"] == 6
+    assert report["skipped"] == [f"{corpus} line {n} (document {i!r})" for n, i in [(3, "blank"), (5, "nothing")]] + [
+        f"{corpus} line {n} (document {i!r})" for n, i in [(8, "e3"), (9, "e4"), (10, "e5")]
+    ]
+    again = runner.invoke(main, arguments)
+    assert again.exit_code == 0, again.output
+    assert "6 documents read: 0 added, 0 replaced, 6 unchanged, 0 metadata-only; 0 passages written" in again.output
+    assert f"6 records skipped (neither title nor text; --strict refuses them): {corpus} line 3 (document 'blank')" in (
+        again.output
+    )
+    assert again.output.rstrip().endswith(f"{corpus} line 10 (document 'e5') and 1 more")
+    with Collection.open(data_dir / "default") as collection:
+        document, passages = collection.get("volcano")
+        assert (document.title, document.text) == (TITLE_ONLY_CORPUS[3]["title"], "")
+        assert [(p.text, p.start, p.end) for p in passages] == [("", 0, 0)]
+        for query, expected in [
+            ("how do plants make energy from light", "photo"),
+            ("ancient Roman city destroyed by a volcano", "volcano"),
+            ("forest giraffe", "okapi"),
+        ]:
+            assert collection.search(minilm.encode_queries([query]), k=1)[0][0].document_id == expected, query
+        assert collection.search_lexical("Vesuvius eruption", k=1)[0].document_id == "volcano"
+        assert collection.search_lexical("okapi", k=1)[0].document_id == "okapi"
+        # the stored vector is the title's alone (int8 passage vectors against fp32: close, not equal)
+        title_vector = minilm.encode_passages([TITLE_ONLY_CORPUS[1]["title"]])[0]
+        assert float(collection.passage_vectors("photo")[0] @ title_vector) > 0.98
+
+
+def test_eval_scores_title_only_documents_of_a_beir_folder(tmp_path):
+    folder = tmp_path / "classic"
+    (folder / "qrels").mkdir(parents=True)
+    write_jsonl(folder / "corpus.jsonl", TITLE_ONLY_CORPUS)
+    write_jsonl(
+        folder / "queries.jsonl",
+        [
+            {"_id": "q1", "text": "how do green plants make energy from sunlight"},
+            {"_id": "q2", "text": "the eruption that buried Pompeii"},
+            {"_id": "q3", "text": "capital of France"},
+        ],
+    )
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq1\tphoto\t1\nq2\tvolcano\t1\nq3\tparis\t1\n", encoding="utf-8"
+    )
+    runner = CliRunner()
+    for mode in ("dense", "lexical"):
+        result = runner.invoke(
+            main,
+            ["eval", str(folder), "--data-dir", str(tmp_path / "data"), "--model", "minilm", "--mode", mode, "--json"],
+        )
+        assert result.exit_code == 0, result.output
+        scores = json.loads(result.output[result.output.index("{") :])
+        assert (scores["queries"], scores["mrr@10"], scores["ndcg@10"]) == (3, 1.0, 1.0), (mode, scores)
+
+
 @pytest.mark.parametrize(
     "args, into_existing, into_new",
     [
@@ -211,7 +368,7 @@ def test_bad_options_are_clear_errors_and_change_nothing(tmp_path, args, into_ex
 
 def test_cli_ingest_search_info_round_trip(tmp_path):
     data_dir = tmp_path / "data"
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=60))
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=60))
     runner = CliRunner()
     result = runner.invoke(main, ["ingest", str(corpus), "--data-dir", str(data_dir), "--model", "minilm", "--json"])
     assert result.exit_code == 0, result.output
@@ -254,7 +411,7 @@ def test_chunking_in_rust_cuts_what_transformers_offsets_cut(model, minilm, tiny
     from transformers import AutoTokenizer
 
     tokenizer = minilm.chunk_tokenizer if model == "minilm" else AutoTokenizer.from_pretrained(str(tiny_stella))
-    docs = [_doc(r) for r in read_jsonl(SHARED_DATA / "scifact" / "corpus.jsonl", limit=60)]
+    docs = [_doc(r) for r in read_jsonl(DATA / "scifact" / "corpus.jsonl", limit=60)]
     docs += [
         Document("untitled", None, docs[0].text),
         Document("long-title", "word " * 400, docs[1].text),

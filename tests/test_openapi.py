@@ -12,12 +12,12 @@ from openapi_spec_validator import validate
 
 from indexer.pipeline import ingest_paths
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, write_jsonl
+from conftest import DATA, cpu_settings, read_jsonl, write_jsonl
 from server import RunningServer
 
 
 def test_openapi_document_validates_and_survives_schemathesis(tmp_path):
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=30))
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=30))
     ingest_paths([corpus], tmp_path / "data", "default", cpu_settings(), model="minilm")
     settings = cpu_settings()
     settings.data_dir = tmp_path / "data"

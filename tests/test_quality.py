@@ -18,12 +18,12 @@ from indexer.evaluation import BeirDataset, evaluate
 from search_api.cli import main
 from storage.collection import Collection
 
-from conftest import SHARED_DATA, read_jsonl, write_jsonl
+from conftest import DATA, read_jsonl, write_jsonl
 
 
 def slice_dataset(name: str, out, queries: int = 4, extra_docs: int = 150):
     """The first ``queries`` judged queries, every document judged for them, plus ``extra_docs`` others."""
-    full = BeirDataset.load(SHARED_DATA / name)
+    full = BeirDataset.load(DATA / name)
     chosen = list(full.queries)[:queries]
     judged = {doc for q in chosen for doc in full.qrels[q]}
     corpus = read_jsonl(full.corpus)

@@ -18,12 +18,12 @@ from search_api.client import SearchAPIError, SearchClient
 from storage.collection import Collection
 from storage.sharding import open_collection, reshard, shard_of
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, write_jsonl
+from conftest import DATA, cpu_settings, read_jsonl, write_jsonl
 from server import free_port
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 
-SCIFACT = SHARED_DATA / "scifact"
+SCIFACT = DATA / "scifact"
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,31 @@ def test_distributed_ingest_equals_local_ingest_and_resumes(cluster, tmp_path):
         assert [s.count_documents() for s in remote.shards] == [
             sum(shard_of(r["_id"], 3) == i for r in records) for i in range(3)
         ]
+
+
+def test_distributed_ingest_takes_title_only_records_and_skips_empty_ones_as_local_ingest_does(cluster, tmp_path):
+    records = [
+        *read_jsonl(SCIFACT / "corpus.jsonl", limit=6),
+        {"_id": "title-only", "title": "Photosynthesis in green plants", "text": ""},
+        {"_id": "empty", "title": "", "text": "  "},
+        {"_id": "blank-text", "title": "The eruption of Mount Vesuvius", "text": " "},
+    ]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", records)
+    settings = cpu_settings(backend="torch")
+    local = ingest_paths([corpus], tmp_path / "local", "c", settings, model="minilm")
+    report = ingest_paths_on_ray([corpus], tmp_path / "ray", "c", settings, model="minilm", workers=1)
+    skipped = [f"{corpus} line 8 (document 'empty')"]
+    for each in (local, report):
+        assert (each.documents_added, each.documents_skipped, each.skipped) == (8, 1, skipped)
+    with open_collection(tmp_path / "local" / "c") as one, open_collection(tmp_path / "ray" / "c") as other:
+        want, got = _stored(one), _stored(other)
+        assert want.keys() == got.keys() and got[("title-only", 0)][0] == got[("blank-text", 0)][0] == ""
+        for key, (text, vector) in want.items():
+            assert got[key][0] == text
+            np.testing.assert_allclose(got[key][1], vector, atol=1e-5)
+        assert other.get("blank-text")[0].text == ""
+    again = ingest_paths_on_ray([corpus], tmp_path / "ray", "c", settings, model="minilm", workers=1)
+    assert (again.documents_unchanged, again.passages_written) == (8, 0)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from storage.errors import InvalidInputError
 from storage.filters import compile_filter
 from storage.vector_index import GPU_MAX_K, VectorIndex, filtered_search
 
-from conftest import SHARED_DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, write_jsonl
+from conftest import DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, write_jsonl
 from server import RunningServer
 
 N, DIM = 20_000, 32
@@ -99,7 +99,7 @@ def test_fusion_never_adds_raw_scores():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    records = read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=60)
+    records = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=60)
     for i, record in enumerate(records):
         record.update(year=1990 + i % 30, lang=["en", "de", "fr"][i % 3])
     long_text = " ".join(

@@ -7,7 +7,7 @@ import pytest
 
 from indexer.pipeline import ingest_paths
 
-from conftest import SHARED_DATA, cpu_settings, read_jsonl, write_jsonl
+from conftest import DATA, cpu_settings, read_jsonl, write_jsonl
 from server import RunningServer
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -22,7 +22,7 @@ def browser_and_server(tmp_path_factory):
     from selenium.webdriver.chrome.service import Service
 
     root = tmp_path_factory.mktemp("page")
-    records = read_jsonl(SHARED_DATA / "dbpedia" / "corpus.jsonl", limit=60)
+    records = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=60)
     for i, record in enumerate(records):
         record["lang"] = ["en", "de"][i % 2]
     ingest_paths([write_jsonl(root / "c.jsonl", records)], root / "data", "default", cpu_settings(), model="minilm")

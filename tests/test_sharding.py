@@ -16,7 +16,7 @@ from search_api.retrieval import Retriever, SearchOptions
 from storage.collection import Collection, Document, Manifest, Passage
 from storage.sharding import PASSAGE_ID_BITS, ShardedCollection, open_collection, reshard, shard_of
 
-from conftest import SHARED_DATA, read_jsonl, server_settings, write_jsonl
+from conftest import DATA, read_jsonl, server_settings, write_jsonl
 from server import RunningServer
 
 DIM = 32
@@ -140,7 +140,7 @@ def test_reshard_copies_stored_vectors_without_reencoding(pair, tmp_path):
         assert hnsw.search(query, 1)[0][0].document_id == "doc-11"
 
 
-CORPUS = read_jsonl(SHARED_DATA / "scifact" / "corpus.jsonl", limit=60)
+CORPUS = read_jsonl(DATA / "scifact" / "corpus.jsonl", limit=60)
 
 
 def test_cli_creates_shows_and_refuses_to_reshape_a_sharded_collection(tmp_path):
