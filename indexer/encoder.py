@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer.models import HeadChoice, ModelProfile, default_head, model_folder, resolve_profile, select_head
-from indexer.settings import Settings
+from indexer.settings import Settings, embedding_cache_dir, onnx_dir
 from storage.collection import Manifest
 from storage.errors import InvalidInputError, ModelUnavailableError
 from storage.vector_index import set_search_threads
@@ -167,14 +167,14 @@ class Encoder:
 
             from indexer.onnx_backend import OnnxForward
 
-            onnx_dir, threads = Path(settings.encoder.onnx_dir), torch.get_num_threads()
-            self._onnx = OnnxForward.for_model(model, onnx_dir, self._graph_fingerprint(), threads)
+            exports, threads = onnx_dir(settings), torch.get_num_threads()
+            self._onnx = OnnxForward.for_model(model, exports, self._graph_fingerprint(), threads)
             self._onnx_bulk = self._onnx
             if self.int8 is not None:
                 # int8 for bulk passage encodes only: queries are few and short, and keeping them in fp32
                 # leaves the quantisation error on one side of each similarity instead of both
                 self._onnx_bulk = OnnxForward.for_model(
-                    model, onnx_dir, self._graph_fingerprint(), threads, int8=self.int8
+                    model, exports, self._graph_fingerprint(), threads, int8=self.int8
                 )
         self._cuda_budget_cap = 0  # set by an out-of-memory back-off
         # CUDA: texts are tokenised on a worker thread ahead of the GPU (see _tokenised_windows, prefetch_passages)
@@ -186,7 +186,7 @@ class Encoder:
         if settings.embedding.cache_embeddings:
             from indexer.embedding_cache import EmbeddingCache
 
-            self._cache = EmbeddingCache(Path(settings.embedding.cache_dir), self.fingerprint)
+            self._cache = EmbeddingCache(embedding_cache_dir(settings), self.fingerprint)
 
     @classmethod
     def load(cls, model: str | None = None, settings: Settings | None = None, dim: int | None = None) -> Encoder:
