@@ -623,7 +623,8 @@ class Encoder:
 class OnnxQueryEncoder:
     """Query vectors of a collection from the cached fp32 ONNX export of its model and head, tokenised with the
     model's own ``tokenizer.json`` and prompted from its ``config_sentence_transformers.json``: neither torch nor
-    sentence-transformers is imported, so a one-off search starts in about a second instead of ten.
+    sentence-transformers is imported, so a one-off search (the CLI's) or a server start skips the seconds those
+    imports and the model load take (``scripts/bench_startup.py`` measures both).
 
     The vectors are the full :class:`Encoder`'s query vectors (the same graph, tokens and batches; the tests
     check 1e-5). It encodes queries only: writing passages needs the full encoder, which also creates the export

@@ -168,7 +168,7 @@ class Settings(_Section):
     cache_dir: AbsolutePath = Field(
         default_factory=default_cache_dir,
         description="ONNX exports and the embedding cache, one folder per user shared by every process "
-        "(default: the platform's user cache folder, e.g. ~/.cache/stella-search)",
+        "(default: the platform's user cache folder, e.g. ~/.cache/stella-search; STELLA_SEARCH_CACHE_DIR)",
     )
     snapshot_dir: Path | None = Field(None, description="where snapshots go; None means <data_dir>/.snapshots")
     collection: str = "default"
