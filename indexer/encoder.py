@@ -16,6 +16,7 @@ import functools
 import gc
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import threading
@@ -29,7 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer.models import HeadChoice, ModelProfile, default_head, model_folder, resolve_profile, select_head
-from indexer.settings import Settings
+from indexer.onnx_backend import cpu_session, graph_path
+from indexer.settings import Settings, embedding_cache_dir, onnx_dir
 from storage.collection import Manifest
 from storage.errors import InvalidInputError, ModelUnavailableError
 from storage.vector_index import set_search_threads
@@ -53,15 +55,17 @@ CUDA_MAX_PADDING = 0.03
 PROMPT_NAMES = {"s2p": ("s2p_query", None), "s2s": ("s2s_query", "s2s_query")}
 
 
-def configure_search_threads(settings: Settings) -> int:
-    """Give FAISS one OpenMP thread when torch encodes on the same CPU cores (unless set explicitly).
+def configure_search_threads(settings: Settings, device: str | None = None) -> int:
+    """Give FAISS one OpenMP thread when the encoder runs on the same CPU cores (unless set explicitly).
 
-    Two OpenMP runtimes (torch's and faiss's) spinning on 2 cores made a single query 15 ms instead of 7 ms;
-    a flat search of one query gains nothing from a thread team anyway.
+    ``device`` is where the encoder runs (default: ``processing.device``, resolved). Two OpenMP runtimes (torch's
+    and faiss's) spinning on 2 cores made a single query 15 ms instead of 7 ms; a flat search of one query gains
+    nothing from a thread team anyway.
     """
     threads = settings.processing.faiss_threads
     if threads is None:
-        threads = 1 if resolve_device(settings.processing.device) == "cpu" else (os.cpu_count() or 1)
+        on_cpu = (device or resolve_device(settings.processing.device)) == "cpu"
+        threads = 1 if on_cpu else (os.cpu_count() or 1)
     set_search_threads(threads)
     return threads
 
@@ -167,14 +171,14 @@ class Encoder:
 
             from indexer.onnx_backend import OnnxForward
 
-            onnx_dir, threads = Path(settings.encoder.onnx_dir), torch.get_num_threads()
-            self._onnx = OnnxForward.for_model(model, onnx_dir, self._graph_fingerprint(), threads)
+            exports, threads = onnx_dir(settings), torch.get_num_threads()
+            self._onnx = OnnxForward.for_model(model, exports, self._graph_fingerprint(), threads)
             self._onnx_bulk = self._onnx
             if self.int8 is not None:
                 # int8 for bulk passage encodes only: queries are few and short, and keeping them in fp32
                 # leaves the quantisation error on one side of each similarity instead of both
                 self._onnx_bulk = OnnxForward.for_model(
-                    model, onnx_dir, self._graph_fingerprint(), threads, int8=self.int8
+                    model, exports, self._graph_fingerprint(), threads, int8=self.int8
                 )
         self._cuda_budget_cap = 0  # set by an out-of-memory back-off
         # CUDA: texts are tokenised on a worker thread ahead of the GPU (see _tokenised_windows, prefetch_passages)
@@ -186,7 +190,7 @@ class Encoder:
         if settings.embedding.cache_embeddings:
             from indexer.embedding_cache import EmbeddingCache
 
-            self._cache = EmbeddingCache(Path(settings.embedding.cache_dir), self.fingerprint)
+            self._cache = EmbeddingCache(embedding_cache_dir(settings), self.fingerprint)
 
     @classmethod
     def load(cls, model: str | None = None, settings: Settings | None = None, dim: int | None = None) -> Encoder:
@@ -332,15 +336,9 @@ class Encoder:
         return hashlib.sha256(f"{self._graph_fingerprint()}\x1f{self.precision}".encode()).hexdigest()[:16]
 
     def _graph_fingerprint(self) -> str:
-        """Identifies the model's full-precision computation: keys the ONNX export."""
-        parts = [
-            self.profile.model_id,
-            self.profile.revision or _folder_stamp(self.profile.local_path),
-            self.head.label,
-            str(self.settings.encoder.normalize_embeddings),
-            str(self.max_seq_length),
-        ]
-        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+        return graph_fingerprint(
+            self.profile, self.head.label, self.settings.encoder.normalize_embeddings, self.max_seq_length
+        )
 
     def manifest(self) -> Manifest:
         return Manifest(
@@ -620,6 +618,161 @@ class Encoder:
         if self.settings.encoder.normalize_embeddings:
             embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
         return embeddings
+
+
+class OnnxQueryEncoder:
+    """Query vectors of a collection from the cached fp32 ONNX export of its model and head, tokenised with the
+    model's own ``tokenizer.json`` and prompted from its ``config_sentence_transformers.json``: neither torch nor
+    sentence-transformers is imported, so a one-off search (the CLI's) or a server start skips the seconds those
+    imports and the model load take (``scripts/bench_startup.py`` measures both).
+
+    The vectors are the full :class:`Encoder`'s query vectors (the same graph, tokens and batches; the tests
+    check 1e-5). It encodes queries only: writing passages needs the full encoder, which also creates the export
+    the first time.
+
+    >>> encoder = OnnxQueryEncoder.for_manifest(collection.manifest, settings)  # None: no export cached yet
+    >>> encoder.encode_queries(["what is faiss?"]).shape
+    (1, 384)
+    """
+
+    device = "cpu"
+    precision = "fp32"
+
+    def __init__(self, profile: ModelProfile, manifest: Manifest, tokenizer, prompt: str | None, session, batch_size):
+        self.profile = profile
+        self._manifest = manifest
+        self.head = HeadChoice(
+            None if manifest.head.startswith("native") else manifest.head.split("[")[0],
+            manifest.dim,
+            truncate=manifest.head.endswith("]"),
+        )
+        self.prompt_type = manifest.prompt_type
+        self.max_seq_length = manifest.max_length
+        self.query_prompt = prompt
+        self.stats = EncodeStats()
+        self._tokenizer = tokenizer
+        self._session = session
+        self._inputs = [i.name for i in session.get_inputs()]
+        self._batch_size = batch_size
+        self._forward_lock = threading.Lock()
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest, settings: Settings, model: str | None = None) -> OnnxQueryEncoder | None:
+        """The query encoder of the collection ``manifest`` describes, or None where it cannot give the full
+        encoder's vectors: no fp32 export cached for the model and head, no ``tokenizer.json`` (or one the model
+        lowercases for, or without a padding token), another ``model`` asked for, or settings that ask for torch
+        (``encoder.backend``) or CUDA (``processing.device``)."""
+        if settings.encoder.backend == "torch" or settings.processing.device not in ("auto", "cpu"):
+            return None
+        profile = resolve_profile(model or manifest.model)
+        if (profile.model_id, profile.revision) != (manifest.model_id, manifest.revision):
+            return None  # the full encoder refuses it, saying why
+        fingerprint = graph_fingerprint(profile, manifest.head, manifest.normalized, manifest.max_length)
+        graph = graph_path(onnx_dir(settings), fingerprint)
+        if not graph.exists():
+            return None
+        folder = model_folder(profile)
+        tokenizer = _query_tokenizer(folder, manifest.max_length)
+        if tokenizer is None:
+            return None
+        prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
+        prompt = prompts.get(PROMPT_NAMES[manifest.prompt_type][0]) or None
+        started = time.perf_counter()
+        session = cpu_session(graph)
+        log.info("loaded %s queries from %s in %.2fs", profile.name, graph, time.perf_counter() - started)
+        return cls(profile, manifest, tokenizer, prompt, session, settings.encoder.batch_size)
+
+    @property
+    def dim(self) -> int:
+        return self._manifest.dim
+
+    def manifest(self) -> Manifest:
+        return Manifest(
+            model=self.profile.name,
+            model_id=self.profile.model_id,
+            revision=self.profile.revision,
+            dim=self.dim,
+            head=self._manifest.head,
+            prompt_type=self.prompt_type,
+            max_length=self.max_seq_length,
+            normalized=self._manifest.normalized,
+            precision=self.precision,
+        )
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """Vectors for search queries (with the query prompt of the prompt type), as :meth:`Encoder.encode_queries`
+        computes them: longest texts first, in batches of ``encoder.batch_size``."""
+        started = time.perf_counter()
+        out = np.empty((len(texts), self.dim), dtype="float32")
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        prefix = self.query_prompt or ""
+        for start in range(0, len(texts), self._batch_size):
+            idx = order[start : start + self._batch_size]
+            encodings = self._tokenizer.encode_batch([prefix + texts[i] for i in idx])
+            features = {
+                "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+                "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+            }
+            with self._forward_lock:
+                raw = self._session.run(None, {name: features[name] for name in self._inputs})[0]
+            out[idx] = self._finish(raw)
+            self.stats.batches += 1
+            self.stats.tokens += int(features["attention_mask"].sum())
+            self.stats.padded_tokens += features["attention_mask"].size
+        self.stats.texts += len(texts)
+        self.stats.seconds += time.perf_counter() - started
+        return out
+
+    def _finish(self, embeddings: np.ndarray) -> np.ndarray:
+        """The head's truncation and the normalisation, as :meth:`Encoder._finish` does them."""
+        embeddings = embeddings[:, : self.dim].astype(np.float32)
+        if self._manifest.normalized:
+            norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+            embeddings = embeddings / np.maximum(norms, 1e-12)
+        return embeddings
+
+
+def _read_json(path: Path):
+    """A model folder's JSON file; {} where it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _query_tokenizer(folder: Path, max_length: int):
+    """The model's fast tokenizer (``tokenizer.json`` of its Transformer module) set up as sentence-transformers
+    calls it: truncated to ``max_length`` tokens and padded to the longest text of a batch, on the sides its
+    ``tokenizer_config.json`` names; None where that cannot reproduce it."""
+    from tokenizers import Tokenizer
+
+    modules = _read_json(folder / "modules.json") or []
+    transformer = next((m.get("path", "") for m in modules if m.get("type", "").endswith(".Transformer")), "")
+    root = folder / transformer
+    if not (root / "tokenizer.json").exists() or _read_json(root / "sentence_bert_config.json").get("do_lower_case"):
+        return None
+    config = _read_json(root / "tokenizer_config.json")
+    pad = config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+    pad_id = tokenizer.token_to_id(pad) if pad else None
+    if pad_id is None:
+        return None
+    tokenizer.enable_truncation(max_length, direction=config.get("truncation_side", "right"))
+    tokenizer.enable_padding(direction=config.get("padding_side", "right"), pad_id=pad_id, pad_token=pad)
+    return tokenizer
+
+
+def graph_fingerprint(profile: ModelProfile, head: str, normalized: bool, max_length: int) -> str:
+    """Identifies a model's full-precision computation (model, revision or folder contents, head label,
+    normalisation, max length): keys its ONNX export.
+
+    >>> len(graph_fingerprint(resolve_profile("minilm"), "native", True, 256))
+    16
+    """
+    parts = [profile.model_id, profile.revision or _folder_stamp(profile.local_path), head, str(normalized)]
+    return hashlib.sha256("\x1f".join([*parts, str(max_length)]).encode()).hexdigest()[:16]
 
 
 def padding_capped_batches(lengths: np.ndarray, budget: int, min_tokens: int, max_padding: float) -> list[np.ndarray]:

@@ -106,8 +106,9 @@ def _xformers_switches(folder: Path) -> dict:
     return {}
 
 
-def model_folder(profile: ModelProfile) -> Path:
-    """The local folder holding the profile's files at its pinned revision; never waits on the network offline."""
+def model_folder(profile: ModelProfile, download: bool = True) -> Path:
+    """The local folder holding the profile's files at its pinned revision; never waits on the network offline,
+    nor where ``download`` is False (only the local cache is looked in)."""
     if profile.local_path:
         return Path(profile.local_path)
     from huggingface_hub import snapshot_download
@@ -116,8 +117,9 @@ def model_folder(profile: ModelProfile) -> Path:
     try:
         return Path(snapshot_download(profile.model_id, revision=profile.revision, local_files_only=True))
     except Exception as cached_error:
-        if offline:
-            raise ModelUnavailableError(_how_to_get(profile, "HF_HUB_OFFLINE is set")) from cached_error
+        if offline or not download:
+            why = "HF_HUB_OFFLINE is set" if offline else "only the local cache was looked in"
+            raise ModelUnavailableError(_how_to_get(profile, why)) from cached_error
     try:
         return Path(snapshot_download(profile.model_id, revision=profile.revision))
     except Exception as exc:

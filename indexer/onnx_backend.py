@@ -9,19 +9,27 @@ graph from 1.66x to 2.0x the seed baseline, and int8 from 2.13x to 2.67x. The fu
 plain trace on a sample before it is kept. The vectors equal the torch path's to float rounding (the tests check
 1e-5), so retrieval quality does not change.
 
->>> session = OnnxForward.for_model(st_model, Path(".stella-cache/onnx"), "3f2a...", threads=2)
+Every cached graph is written under a temporary name and renamed when complete, so a process killed mid-export
+leaves no file a later start would load; processes that need the same graph at once take turns on a lock file
+beside it (``flock``): the first exports, the others wait and load its file. Temporary files of a process that
+died are removed by the next export of the same graph.
+
+>>> session = OnnxForward.for_model(st_model, Path("~/.cache/stella-search/onnx"), "3f2a...", threads=2)
 >>> session(st_model.preprocess(["hello"])).shape
 (1, 384)
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +80,67 @@ class Int8Recipe:
         return names + [f"{name}_MatMul" for name in names if name in gemms]
 
 
+def graph_path(onnx_dir: Path, fingerprint: str, int8: Int8Recipe | None = None) -> Path:
+    """Where the export of the computation ``fingerprint`` is cached (its int8 graph when ``int8``).
+
+    >>> graph_path(Path("/cache/onnx"), "3f2a").name
+    '3f2a.g2.onnx'
+    """
+    suffix = f".int8-{int8.key}" if int8 is not None else ""
+    return Path(onnx_dir) / f"{fingerprint}.{GRAPH_VERSION}{suffix}.onnx"
+
+
+def cpu_session(path: Path, threads: int = 0):
+    """An ONNX Runtime session on the CPU for the graph at ``path`` (``threads`` 0: ONNX Runtime's choice)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelUnavailableError("encoder.backend 'onnx' needs onnxruntime: pip install onnxruntime onnx") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@contextmanager
+def _export_lock(path: Path) -> Iterator[None]:
+    """Hold the lock file beside ``path`` (``flock``, released by the kernel when a holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process writing %s", path.name)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _cached(path: Path, write: Callable[[Path], None], what: str) -> None:
+    """Make ``path`` with ``write(partial)`` unless it exists: under the lock, into a temporary name renamed once
+    complete and on disk; ``what`` names the work in the log line that says it was done."""
+    if path.exists():
+        return
+    with _export_lock(path):
+        if path.exists():  # another process wrote it while this one waited
+            return
+        temporary = f".{path.name}."
+        # under the lock no live process writes this graph: what is there was left by one that died
+        for leftover in path.parent.glob(f"{temporary}*"):
+            log.info("removing %s, left by an interrupted export", leftover.name)
+            leftover.unlink()
+        partial = path.with_name(f"{temporary}{os.getpid()}.{secrets.token_hex(4)}")
+        started = time.perf_counter()
+        try:
+            write(partial)
+            with open(partial, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(partial, path)
+        finally:
+            for leftover in path.parent.glob(f"{partial.name}*"):
+                leftover.unlink()
+    log.info("%s: %s in %.1fs", what, path, time.perf_counter() - started)
+
+
 def _traceable(st_model, names: tuple[str, ...]):
     """The traced function: token tensors in, the model's ``sentence_embedding`` out."""
     import torch
@@ -97,51 +166,30 @@ class OnnxForward:
         cls, st_model, onnx_dir: Path, fingerprint: str, threads: int, int8: Int8Recipe | None = None
     ) -> OnnxForward:
         """Load the cached export for ``fingerprint`` (its int8 derivative when ``int8``), creating it if needed."""
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise ModelUnavailableError(
-                "encoder.backend 'onnx' needs onnxruntime: pip install onnxruntime onnx"
-            ) from exc
         sample = st_model.preprocess(["a short sample", "a somewhat longer sample sentence to trace"])
         names = tuple(name for name in INPUTS if name in sample)
-        path = Path(onnx_dir) / f"{fingerprint}.{GRAPH_VERSION}.onnx"
-        if not path.exists():
-            cls._export(st_model, sample, names, path)
+        path = graph_path(onnx_dir, fingerprint)
+        _cached(path, lambda partial: _export(st_model, sample, names, partial), "exported the model for ONNX Runtime")
         if int8 is not None:
-            fp32_path, path = path, Path(onnx_dir) / f"{fingerprint}.{GRAPH_VERSION}.int8-{int8.key}.onnx"
-            if not path.exists():
-                _quantize(fp32_path, path, int8)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return cls(session, names)
-
-    @staticmethod
-    def _export(st_model, sample: dict, names: tuple[str, ...], path: Path) -> None:
-        started = time.perf_counter()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        config = getattr(getattr(st_model[0], "auto_model", None), "config", None)
-        fusable = getattr(config, "model_type", None) in FUSABLE
-        try:
-            if not fusable:
-                _trace(st_model, sample, names, partial)
-            else:
-                traced = partial.with_name(partial.name + ".trace")
-                _trace(st_model, sample, names, traced, attention="eager")
-                _fuse(traced, partial, config, sample, names)
-                traced.unlink(missing_ok=True)
-            os.replace(partial, path)  # concurrent exporters each write their own file; the last rename wins
-        finally:
-            for leftover in path.parent.glob(f"{partial.name}*"):
-                leftover.unlink()
-        log.info("exported the model to %s for ONNX Runtime in %.1fs", path, time.perf_counter() - started)
+            fp32_path, path = path, graph_path(onnx_dir, fingerprint, int8)
+            _cached(path, lambda partial: _quantize(fp32_path, partial, int8), f"quantised to int8 ({int8})")
+        return cls(cpu_session(path, threads), names)
 
     def __call__(self, features: dict) -> np.ndarray:
         inputs = {name: features[name].numpy() for name in self.names}
         return self.session.run(None, inputs)[0]
+
+
+def _export(st_model, sample: dict, names: tuple[str, ...], path: Path) -> None:
+    """Trace the model to ``path``; fused where ONNX Runtime's optimizer knows the model type."""
+    config = getattr(getattr(st_model[0], "auto_model", None), "config", None)
+    if getattr(config, "model_type", None) not in FUSABLE:
+        _trace(st_model, sample, names, path)
+        return
+    traced = path.with_name(path.name + ".trace")
+    _trace(st_model, sample, names, traced, attention="eager")
+    _fuse(traced, path, config, sample, names)
+    traced.unlink(missing_ok=True)
 
 
 def _trace(st_model, sample: dict, names: tuple[str, ...], path: Path, attention: str | None = None) -> None:
@@ -205,11 +253,9 @@ def _quantize(fp32_path: Path, path: Path, recipe: Int8Recipe) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    started = time.perf_counter()
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     quantize_dynamic(
         fp32_path,
-        partial,
+        path,
         op_types_to_quantize=list(recipe.op_types),
         # fused operators (com.microsoft domain) defeat shape inference; their outputs are float
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -218,5 +264,3 @@ def _quantize(fp32_path: Path, path: Path, recipe: Int8Recipe) -> None:
         weight_type=QuantType[recipe.weight_type],
         nodes_to_exclude=recipe.nodes_to_exclude(onnx.load(fp32_path, load_external_data=False)),
     )
-    os.replace(partial, path)
-    log.info("quantised %s to int8 (%s) in %.1fs", fp32_path.name, recipe, time.perf_counter() - started)

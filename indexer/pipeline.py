@@ -21,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 
 from indexer.chunking import Chunker, text_to_encode
-from indexer.encoder import Encoder, backend_for_precision
+from indexer.encoder import Encoder, OnnxQueryEncoder, backend_for_precision
 from indexer.models import resolve_profile
 from indexer.settings import Settings
 from indexer.sources import check_sources, read_documents
@@ -67,11 +67,7 @@ def encoder_for_manifest(
 ) -> Encoder:
     """Load the encoder that made ``manifest``'s vectors; a different ``model`` or ``dim`` is refused
     (ModelMismatchError)."""
-    if dim is not None and dim != manifest.dim:
-        raise ModelMismatchError(
-            f"{name} was built with {manifest.describe()}; refusing dim {dim}. Its vectors can only be searched at "
-            f"their own dimension: leave --dim out, or search a collection built at dim {dim}."
-        )
+    _refuse_other_dim(manifest, dim, name)
     encoder_settings = settings.model_copy(deep=True)
     encoder_settings.encoder.prompt_type = manifest.prompt_type
     encoder_settings.encoder.max_length = manifest.max_length
@@ -96,12 +92,35 @@ def encoder_for_manifest(
     return encoder
 
 
+def _refuse_other_dim(manifest: Manifest, dim: int | None, name: str) -> None:
+    if dim is not None and dim != manifest.dim:
+        raise ModelMismatchError(
+            f"{name} was built with {manifest.describe()}; refusing dim {dim}. Its vectors can only be searched at "
+            f"their own dimension: leave --dim out, or search a collection built at dim {dim}."
+        )
+
+
 def encoder_for_collection(
     collection: Collection | ShardedCollection, settings: Settings, model: str | None = None, dim: int | None = None
 ) -> Encoder:
     """Load the encoder a collection was built with; a different ``model`` or ``dim`` is refused
     (ModelMismatchError)."""
     return encoder_for_manifest(collection.manifest, settings, model, name=f"collection {collection.name}", dim=dim)
+
+
+def query_encoder_for_collection(
+    collection: Collection | ShardedCollection, settings: Settings, model: str | None = None, dim: int | None = None
+) -> OnnxQueryEncoder | Encoder:
+    """An encoder for searching a collection, the fastest to load: the cached fp32 ONNX graph with the model's
+    tokenizer where that export exists (:class:`OnnxQueryEncoder`, no torch), else the full encoder (which
+    exports the graph for next time where it runs on ONNX Runtime). The same refusals as encoder_for_collection.
+
+    >>> query_encoder_for_collection(collection, settings).encode_queries(["what is faiss?"]).shape
+    (1, 384)
+    """
+    _refuse_other_dim(collection.manifest, dim, f"collection {collection.name}")
+    encoder = OnnxQueryEncoder.for_manifest(collection.manifest, settings, model)
+    return encoder or encoder_for_collection(collection, settings, model, dim)
 
 
 def shard_count(collection: Collection | ShardedCollection) -> int:

@@ -16,8 +16,11 @@ Later sources win. The YAML keys of the Stella performance guide are accepted as
       cache_embeddings: true
       cache_dir: ./embeddings_cache
 
-Environment variables are ``STELLA_SEARCH_<SECTION>__<KEY>``, e.g. ``STELLA_SEARCH_ENCODER__BATCH_SIZE=32``.
-Unknown keys, in any source, are an error that names the key.
+Environment variables are ``STELLA_SEARCH_<SECTION>__<KEY>``, e.g. ``STELLA_SEARCH_ENCODER__BATCH_SIZE=32``;
+a top-level key has no section: ``STELLA_SEARCH_CACHE_DIR``. Unknown keys, in any source, are an error that
+names the key. Paths of the cache (``cache_dir``, ``encoder.onnx_dir``, ``embedding.cache_dir``) are made
+absolute where they are given, against the working directory of that moment, so that a process never writes a
+cache into whatever directory it later runs from.
 
 >>> load_settings(cli={"encoder": {"model": "minilm"}}).encoder.model
 'minilm'
@@ -28,10 +31,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from platformdirs import user_cache_dir
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from indexer.onnx_backend import INT8_KEEP_FP32
 from storage.errors import InvalidInputError
@@ -43,6 +47,19 @@ CLIENT_KEY_VARIABLE = "STELLA_SEARCH_API_KEY"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def default_cache_dir() -> Path:
+    """The platform's per-user cache folder for stella-search (``~/.cache/stella-search`` on Linux).
+
+    >>> default_cache_dir().is_absolute()
+    True
+    """
+    return Path(user_cache_dir("stella-search", appauthor=False))
+
+
+# a path made absolute once, where it is given (settings are also copied and passed to other processes)
+AbsolutePath = Annotated[Path, AfterValidator(lambda path: path.expanduser().resolve())]
 
 
 COMPILE_SWITCH_WORDS = {word: "inductor" for word in ("on", "true", "yes", "1")} | {
@@ -65,7 +82,7 @@ class EncoderSettings(_Section):
         "else torch; onnx: ONNX Runtime on the CPU, exported locally from the model (same vectors); "
         "onnx-int8: that export with int8 weights for passages (vectors within cosine 0.99 of fp32)",
     )
-    onnx_dir: Path = Field(Path(".stella-cache/onnx"), description="where ONNX exports are cached")
+    onnx_dir: AbsolutePath | None = Field(None, description="where ONNX exports are cached; None: <cache_dir>/onnx")
     max_batch_tokens: int = Field(
         4096,
         ge=0,
@@ -107,7 +124,9 @@ class ProcessingSettings(_Section):
 
 class EmbeddingSettings(_Section):
     cache_embeddings: bool = Field(False, description="keep passage vectors in an on-disk cache keyed by text")
-    cache_dir: Path = Path(".stella-cache/embeddings")
+    cache_dir: AbsolutePath | None = Field(
+        None, description="where cached vectors are kept; None: <cache_dir>/embeddings"
+    )
 
 
 class IngestSettings(_Section):
@@ -147,6 +166,11 @@ class RaySettings(_Section):
 
 class Settings(_Section):
     data_dir: Path = Path("data")
+    cache_dir: AbsolutePath = Field(
+        default_factory=default_cache_dir,
+        description="ONNX exports and the embedding cache, one folder per user shared by every process "
+        "(default: the platform's user cache folder, e.g. ~/.cache/stella-search; STELLA_SEARCH_CACHE_DIR)",
+    )
     snapshot_dir: Path | None = Field(None, description="where snapshots go; None means <data_dir>/.snapshots")
     collection: str = "default"
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
@@ -159,6 +183,20 @@ class Settings(_Section):
 
 def snapshot_dir(settings: Settings) -> Path:
     return settings.snapshot_dir or settings.data_dir / ".snapshots"
+
+
+def onnx_dir(settings: Settings) -> Path:
+    """Where ONNX exports are cached: ``encoder.onnx_dir``, else ``<cache_dir>/onnx``.
+
+    >>> onnx_dir(load_settings(cli={"cache_dir": "/var/cache/stella"}, environ={}))
+    PosixPath('/var/cache/stella/onnx')
+    """
+    return settings.encoder.onnx_dir or settings.cache_dir / "onnx"
+
+
+def embedding_cache_dir(settings: Settings) -> Path:
+    """Where the embedding cache keeps vectors: ``embedding.cache_dir``, else ``<cache_dir>/embeddings``."""
+    return settings.embedding.cache_dir or settings.cache_dir / "embeddings"
 
 
 def _merge(base: dict, override: dict) -> dict:

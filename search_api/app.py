@@ -323,8 +323,25 @@ def create_app(
 
     @app.get("/health", response_model=schemas.Health, tags=["operations"])
     def health(service: Service):
-        """Model loaded, device, index sizes, GPU memory on CUDA."""
+        """Liveness (always 200): each collection's counts and encoder state, the default model, device, GPU
+        memory on CUDA."""
         return service.health()
+
+    @app.get(
+        "/ready",
+        response_model=schemas.Readiness,
+        tags=["operations"],
+        responses={503: {"model": schemas.Readiness, "description": "not ready: loading, or a model unavailable"}},
+    )
+    def ready(service: Service):
+        """200 once every served collection can be searched and written to; 503 before (with Retry-After while
+        its encoders load). With no collection served: once the default model is loaded or known unavailable
+        (said in default_model)."""
+        readiness = service.readiness()
+        if readiness.ready:
+            return readiness
+        headers = {"Retry-After": "2"} if readiness.status == "loading" else None
+        return JSONResponse(readiness.model_dump(mode="json"), status_code=503, headers=headers)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
     def prometheus_metrics() -> Response:

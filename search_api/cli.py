@@ -238,18 +238,18 @@ def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset,
         took_ms = response.took_ms
     else:
         from indexer.encoder import configure_search_threads
-        from indexer.pipeline import encoder_for_collection
+        from indexer.pipeline import query_encoder_for_collection
         from search_api.retrieval import Retriever, SearchOptions
         from storage.collection import collection_dir
         from storage.sharding import open_collection
 
-        configure_search_threads(settings)
         with open_collection(collection_dir(settings.data_dir, settings.collection)) as collection:
             encoder = (
-                encoder_for_collection(collection, settings, flags["model"], flags["dim"])
+                query_encoder_for_collection(collection, settings, flags["model"], flags["dim"])
                 if mode != "lexical"
                 else None
             )
+            configure_search_threads(settings, getattr(encoder, "device", "cpu"))
             started = time.perf_counter()
             found = Retriever(collection, encoder).search(SearchOptions(query=query, k=k, **options))
             took_ms = (time.perf_counter() - started) * 1000

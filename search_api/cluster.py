@@ -36,6 +36,7 @@ import numpy as np
 from indexer.distributed import connect, import_ray
 from indexer.encoder import encoder_precision_key
 from indexer.settings import Settings
+from search_api import schemas
 from search_api.service import SearchService
 from storage.collection import Collection, Manifest, collection_dir, list_collections
 from storage.errors import (
@@ -331,6 +332,17 @@ class ClusterSearchService(SearchService):
                 "see the Serve logs, then redeploy"
             )
         return encoder
+
+    def _writer_for(self, collection, wait: bool = True):
+        return self._encoder_for(collection, wait)  # the deployment encodes passages too
+
+    def _encoder_state(self, collection) -> schemas.CollectionState:
+        if not self._ready.is_set():
+            return schemas.CollectionState(state="loading", writes="loading")
+        if encoder_key(collection.manifest) in self._remote_encoders:
+            return schemas.CollectionState(state="ready", writes="ready")
+        reason = f"the encoder deployment did not come up ({self._load_error}); see the Serve logs, then redeploy"
+        return schemas.CollectionState(state="unavailable", writes="unavailable", reason=reason)
 
     def _open_new(self, name, path):
         """The deployments serve the collections of the topology they were built with: one created since is

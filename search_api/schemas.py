@@ -324,14 +324,71 @@ class CollectionInfo(BaseModel):
     )
 
 
+EncoderStateName = Literal["loading", "ready", "unavailable"]
+
+
+class CollectionState(BaseModel):
+    state: EncoderStateName = Field(
+        ...,
+        description="ready: searches are answered and writes accepted; loading: not yet (503, Retry-After); "
+        "unavailable: its model cannot be loaded (503), 'reason' says why",
+    )
+    writes: EncoderStateName = Field(
+        ..., description="the full encoder writes need; it loads after start-up, and a write waits for it"
+    )
+    reason: str | None = None
+
+
+class DefaultModel(BaseModel):
+    model: str = Field(..., description="encoder.model: what POST /collections uses when it names no model")
+    state: EncoderStateName
+    loaded: bool = Field(False, description="loaded at start (when no collection is served), else only looked for")
+    reason: str | None = None
+
+
+class Readiness(BaseModel):
+    ready: bool
+    status: EncoderStateName = Field(
+        ..., description="ready (200); loading (503 with Retry-After); unavailable (503): a collection's model"
+    )
+    collections: dict[str, CollectionState]
+    default_model: DefaultModel | None = Field(
+        None, description="None where collections cannot be created here (a deployment on Ray Serve)"
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "ready": True,
+                    "status": "ready",
+                    "collections": {"docs": {"state": "ready", "writes": "loading", "reason": None}},
+                    "default_model": {
+                        "model": "stella-1.5b",
+                        "state": "unavailable",
+                        "loaded": False,
+                        "reason": "weights of dunzhang/stella_en_1.5B_v5 ... are not in the Hugging Face cache",
+                    },
+                }
+            ]
+        }
+    )
+
+
 class Health(BaseModel):
     status: Literal["ok", "loading", "unavailable"] = Field(
-        ..., description="'unavailable' when a model could not be loaded; 'error' says why"
+        ...,
+        description="'loading' while any encoder loads (also the full encoders loaded after /ready); "
+        "'unavailable' when a served collection's model (or, with none served, the default model) could not "
+        "be loaded: 'error' says why",
     )
     model_loaded: bool
     models: list[str]
     device: str
-    collections: dict[str, dict[str, Any]]
+    collections: dict[str, dict[str, Any]] = Field(
+        ..., description="per collection: counts, and its state, writes and reason as GET /ready gives them"
+    )
+    default_model: DefaultModel | None = None
     gpu_memory: dict[str, int] | None = Field(None, description="allocated/reserved bytes on CUDA")
     error: str | None = None
 
@@ -343,7 +400,17 @@ class Health(BaseModel):
                     "model_loaded": True,
                     "models": ["minilm"],
                     "device": "cpu",
-                    "collections": {"default": {"index_vectors": 512, "passages": 512, "documents": 500}},
+                    "collections": {
+                        "default": {
+                            "index_vectors": 512,
+                            "passages": 512,
+                            "documents": 500,
+                            "state": "ready",
+                            "writes": "ready",
+                            "reason": None,
+                        }
+                    },
+                    "default_model": {"model": "minilm", "state": "ready", "loaded": False, "reason": None},
                     "gpu_memory": None,
                 }
             ]

@@ -3,8 +3,26 @@
 Plain blocking methods (FastAPI runs them in its thread pool, never on the event loop). Encoders are shared
 between collections built with the same model, head and prompt type, and each encodes one batch at a time.
 
+Start-up, and what ``readiness()`` (``GET /ready``) reports: a background thread loads, for each served
+collection, the encoder its searches need: the cached fp32 ONNX graph with the model's tokenizer where it
+exists (:class:`OnnxQueryEncoder`, about a second, no torch), else the full encoder. The server is ready when
+every served collection has it: searches are answered at once, and writes are accepted. Writes need the full
+encoder (passages, int8 where the collection is int8), which the same thread loads next, in the background;
+a write that arrives before it has loaded waits for it, and once loaded it answers searches as well (one
+fp32 graph in memory, not two). With no collection served, ready means the default model
+(``encoder.model``) was loaded, so that a first ``POST /collections`` with it does not load it again, or
+could not be, and the answer says why: collections of other models can still be created. A default model
+that is unavailable never holds back the collections of other models; the answer names it.
+
+A collection that appears on disk later (an ingest by the CLI) is served from its first request or listing;
+its encoders load in the background from then on, and ``/ready`` says 503 until they have (at once where
+another served collection uses the same model). A collection whose model cannot be loaded keeps ``/ready`` at
+503, with the reason, until it is fixed (each request to it tries again) or deleted.
+
 >>> service = SearchService(settings)
 >>> service.start()                       # loads encoders in a background thread
+>>> service.readiness().ready
+True
 >>> service.search("default", "what is faiss", k=5).results[0].id
 'doc-1'
 """
@@ -17,9 +35,12 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
-from indexer.encoder import Encoder, configure_search_threads, encoder_precision_key
+from indexer.encoder import Encoder, OnnxQueryEncoder, configure_search_threads, encoder_precision_key
+from indexer.models import model_folder, resolve_profile
 from indexer.pipeline import encoder_for_collection, ingest_documents
 from indexer.settings import Settings, snapshot_dir
 from search_api import schemas
@@ -57,10 +78,15 @@ class SearchService:
         self.data_dir = settings.data_dir
         self._collections: dict[str, Collection] = {}
         self._deleting: set[str] = set()  # being removed: not re-opened from disk meanwhile
-        self._encoders: dict[tuple, Encoder] = {}
-        self._batchers: dict[int, QueryBatcher] = {}
+        self._encoders: dict[tuple, Encoder | OnnxQueryEncoder] = {}  # what searches of each encoder key use
+        self._writers: dict[tuple, Encoder] = {}  # the full encoder of each key: passages for writes
+        self._loads: dict[tuple, Future] = {}  # (key, "search" | "write") being loaded; others wait for it
+        self._errors: dict[tuple, str] = {}  # (key, "search" | "write") that could not be loaded, and why
+        self._default_model: schemas.DefaultModel | None = None
+        self._default: Encoder | None = None  # the default model's encoder, where it was loaded at start
+        self._batchers: dict[tuple, QueryBatcher] = {}
         self._lock = threading.RLock()
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # the start-up load is over
         self._load_error: Exception | None = None
         self._unsaved: dict[str, int] = {}
         self._observe_encode = observe_encode or (lambda seconds, texts: None)
@@ -70,7 +96,6 @@ class SearchService:
 
     def start(self, background: bool = True) -> None:
         """Open every collection under data_dir and load their encoders (in a thread unless told otherwise)."""
-        configure_search_threads(self.settings)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for name in list_collections(self.data_dir):
             self._collections[name] = open_collection(collection_dir(self.data_dir, name))
@@ -80,16 +105,47 @@ class SearchService:
             self._load_all()
 
     def _load_all(self) -> None:
+        """Search encoders first (ready then), the default model, then the full encoders writes need."""
+        with self._lock:
+            collections = list(self._collections.values())
         try:
-            for collection in list(self._collections.values()):
-                self._encoder_for(collection, wait=False)
-            if not self._collections:
-                self._default_encoder()
-        except Exception as exc:  # surfaced through /health and 503s, never a crash of the server
-            log.exception("loading the encoder failed")
-            self._load_error = exc
+            for collection in collections:
+                self._try(lambda c=collection: self._encoder_for(c, wait=False))
+            self._check_default_model(load=not collections)
+            with self._lock:
+                devices = [e.device for e in self._encoders.values()]
+            configure_search_threads(self.settings, devices[0] if devices else None)
         finally:
             self._ready.set()
+        for collection in collections:
+            self._try(lambda c=collection: self._writer_for(c, wait=False))
+
+    @staticmethod
+    def _try(load: Callable[[], object]) -> None:
+        """Run ``load``; its failure is recorded for /health and /ready (see _once), never a crash of the loader."""
+        try:
+            load()
+        except Exception:
+            log.exception("loading an encoder failed")
+
+    def _check_default_model(self, load: bool) -> None:
+        """Whether the default model (``encoder.model``) can be used, for /health and /ready: loaded where
+        ``load`` (no collection is served: it is what the first one will most likely use), else only looked for
+        (its weights on disk), so that a model no collection uses takes no memory."""
+        model = self.settings.encoder.model
+        self._default_model = schemas.DefaultModel(model=model, state="loading")
+        try:
+            if load:
+                self._default_encoder()
+            else:
+                model_folder(resolve_profile(model), download=False)
+        except Exception as exc:
+            log.warning("the default model %s is unavailable: %s", model, exc)
+            self._default_model = schemas.DefaultModel(model=model, state="unavailable", reason=str(exc))
+            if load:
+                self._load_error = exc
+        else:
+            self._default_model = schemas.DefaultModel(model=model, state="ready", loaded=load)
 
     def close(self) -> None:
         with self._lock:
@@ -104,7 +160,7 @@ class SearchService:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and self._load_error is None
+        return self.readiness().ready
 
     # -- encoders ----------------------------------------------------------------------------------------
 
@@ -112,26 +168,116 @@ class SearchService:
     def _key(model: str, dim: int | None, prompt_type: str, max_length: int | None, precision: str) -> tuple:
         return (model, dim, prompt_type, max_length, encoder_precision_key(precision))
 
+    def _manifest_key(self, collection: Collection) -> tuple:
+        m = collection.manifest
+        return self._key(m.model, m.dim, m.prompt_type, m.max_length, m.precision)
+
+    def _default_request(self, model: str | None, dim: int | None, prompt_type: str) -> bool:
+        """Whether a collection of ``model``, ``dim`` and ``prompt_type`` gets the default encoder's vectors."""
+        encoder = self.settings.encoder
+        asked = (model or encoder.model, dim or encoder.embedding_dimension, prompt_type)
+        return asked == (encoder.model, encoder.embedding_dimension, encoder.prompt_type)
+
     def _default_encoder(self) -> Encoder:
         encoder = Encoder.load(self.settings.encoder.model, self.settings)
         key = self._key(
             encoder.profile.name, encoder.dim, encoder.prompt_type, encoder.max_seq_length, encoder.precision
         )
         with self._lock:
+            self._default = self._writers.setdefault(key, encoder)
             return self._encoders.setdefault(key, encoder)
 
-    def _encoder_for(self, collection: Collection, wait: bool = True) -> Encoder:
+    def _once(self, key: tuple, role: str, load: Callable[[], object]):
+        """``load()``'s result for (``key``, ``role``): the first caller loads, callers meanwhile wait for it. A
+        failure is kept (for /health and /ready) until a later call, which tries again, succeeds."""
+        slot = (key, role)
+        with self._lock:
+            future = self._loads.get(slot)
+            loading = future is None
+            if loading:
+                future = self._loads[slot] = Future()
+        if not loading:
+            return future.result()
+        try:
+            result = load()
+        except BaseException as exc:
+            with self._lock:
+                self._errors[slot] = str(exc)
+                del self._loads[slot]
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            self._errors.pop(slot, None)
+            del self._loads[slot]
+        future.set_result(result)
+        return result
+
+    def _encoder_for(self, collection: Collection, wait: bool = True) -> Encoder | OnnxQueryEncoder:
+        """The encoder that searches ``collection``: the query encoder of its cached ONNX graph, or its full
+        encoder (once loaded, or where there is no cached graph)."""
         if wait and not self._ready.is_set():
             raise ModelLoadingError("the model is still loading; retry in a few seconds")
-        m = collection.manifest
-        key = self._key(m.model, m.dim, m.prompt_type, m.max_length, m.precision)
+        key = self._manifest_key(collection)
         with self._lock:
             loaded = self._encoders.get(key)
-        if loaded is None:
-            encoder = encoder_for_collection(collection, self.settings)
-            with self._lock:
-                loaded = self._encoders.setdefault(key, encoder)
-        return loaded
+        return loaded or self._once(key, "search", lambda: self._load_search_encoder(collection, key))
+
+    def _load_search_encoder(self, collection: Collection, key: tuple) -> Encoder | OnnxQueryEncoder:
+        encoder = OnnxQueryEncoder.for_manifest(collection.manifest, self.settings)
+        if encoder is None:
+            return self._writer_for(collection, wait=False)
+        with self._lock:
+            return self._encoders.setdefault(key, encoder)
+
+    def _writer_for(self, collection: Collection, wait: bool = True) -> Encoder:
+        """The full encoder of ``collection``, which writes its passages; loaded in the background after start-up,
+        so a write may wait for it here."""
+        if wait and not self._ready.is_set():
+            raise ModelLoadingError("the model is still loading; retry in a few seconds")
+        key = self._manifest_key(collection)
+        with self._lock:
+            loaded = self._writers.get(key)
+        return loaded or self._once(key, "write", lambda: self._load_writer(collection, key))
+
+    def _load_writer(self, collection: Collection, key: tuple) -> Encoder:
+        encoder = encoder_for_collection(collection, self.settings)
+        with self._lock:
+            encoder = self._writers.setdefault(key, encoder)
+            # searches move to it too: one fp32 graph in memory, not two
+            self._encoders[key] = encoder
+            if key in self._batchers:
+                self._batchers[key].encoder = encoder
+        return encoder
+
+    def _load_later(self, collection: Collection) -> None:
+        """Load a collection's encoders in the background (one opened after start-up)."""
+
+        def load() -> None:
+            self._try(lambda: self._encoder_for(collection, wait=False))
+            self._try(lambda: self._writer_for(collection, wait=False))
+
+        threading.Thread(target=load, name=f"encoder-loader-{collection.name}", daemon=True).start()
+
+    def _state(self, key: tuple, role: str) -> tuple[str, str | None]:
+        """``loading``, ``ready`` or ``unavailable`` (with the reason) for one encoder of ``key``."""
+        with self._lock:
+            if (key, role) in self._errors and (key, role) not in self._loads:
+                return "unavailable", self._errors[(key, role)]
+            if key in (self._encoders if role == "search" else self._writers):
+                return "ready", None
+        return "loading", None
+
+    def _encoder_state(self, collection: Collection) -> schemas.CollectionState:
+        """Whether ``collection`` can be searched and written to (``ready``), not yet (``loading``) or not at
+        all (``unavailable``: ``reason`` says why); ``writes`` tells the full encoder's own state."""
+        key = self._manifest_key(collection)
+        search, search_reason = self._state(key, "search")
+        writes, writes_reason = self._state(key, "write")
+        if not self._ready.is_set() and search != "unavailable":
+            search = "loading"
+        state = "unavailable" if "unavailable" in (search, writes) else search
+        reason = search_reason or (f"writes: {writes_reason}" if writes_reason else None)
+        return schemas.CollectionState(state=state, writes=writes, reason=reason)
 
     # -- collections -------------------------------------------------------------------------------------
 
@@ -159,8 +305,9 @@ class SearchService:
             served = self._collections.setdefault(name, opened) if name not in self._deleting else None
         if served is not opened:
             opened.close()
-        else:
+        elif served is not None:
             log.info("serving collection %s, created since the server started", name)
+            self._load_later(served)
         return served
 
     def collections(self) -> list[schemas.CollectionInfo]:
@@ -202,16 +349,20 @@ class SearchService:
                 f"model {request.model!r} is not a profile ({', '.join(MODEL_PROFILES)}); loading model folders "
                 "over HTTP (with trust_remote_code) needs server.allow_model_paths: true"
             )
-        settings = self.settings.model_copy(deep=True)
-        settings.encoder.prompt_type = request.prompt_type
-        encoder = Encoder.load(request.model or settings.encoder.model, settings, dim=request.dim)
+        if self._default is not None and self._default_request(request.model, request.dim, request.prompt_type):
+            encoder = self._default
+        else:
+            settings = self.settings.model_copy(deep=True)
+            settings.encoder.prompt_type = request.prompt_type
+            encoder = Encoder.load(request.model or settings.encoder.model, settings, dim=request.dim)
         with self._lock:
             if request.name in self._collections:
                 raise ConflictError(f"collection {request.name!r} already exists")
             collection = create_collection(path, encoder.manifest(), request.shards)
             self._collections[request.name] = collection
-            m = collection.manifest
-            self._encoders.setdefault(self._key(m.model, m.dim, m.prompt_type, m.max_length, m.precision), encoder)
+            key = self._manifest_key(collection)
+            self._writers.setdefault(key, encoder)
+            self._encoders.setdefault(key, encoder)
         return self._info(collection)
 
     # -- snapshots ---------------------------------------------------------------------------------------
@@ -265,6 +416,8 @@ class SearchService:
             served = self._collections.setdefault(request.collection, collection)
         if served is not collection:
             collection.close()
+        else:
+            self._load_later(collection)
         return self._info(served)
 
     def delete_collection(self, name: str) -> None:
@@ -313,13 +466,17 @@ class SearchService:
         server = self.settings.server
         if not server.microbatch:
             return Retriever(collection, encoder, observe_encode=self._observe_encode)
+        key = self._manifest_key(collection)
         with self._lock:
-            batcher = self._batchers.get(id(encoder))
-            if batcher is None:
+            batcher = self._batchers.get(key)
+            if batcher is None:  # with the key's current encoder: _load_writer may have replaced the one above
                 batcher = QueryBatcher(
-                    encoder, server.microbatch_max, server.microbatch_window_ms, observe=self._observe_batch
+                    self._encoders.get(key, encoder),
+                    server.microbatch_max,
+                    server.microbatch_window_ms,
+                    observe=self._observe_batch,
                 )
-                self._batchers[id(encoder)] = batcher
+                self._batchers[key] = batcher
         return Retriever(collection, batcher)
 
     def _observe_batch(self, seconds: float, texts: int, requests: int) -> None:
@@ -355,8 +512,8 @@ class SearchService:
         if request.text is not None:
             self._check_query(request.text)
         collection = self.collection(name)
-        retriever = Retriever(
-            collection, self._encoder_for(collection) if request.text else None, observe_encode=self._observe_encode
+        retriever = Retriever(  # a text is encoded as a passage: the full encoder
+            collection, self._writer_for(collection) if request.text else None, observe_encode=self._observe_encode
         )
         options = self._options(request.text or "", request)
         started = time.perf_counter()
@@ -385,7 +542,7 @@ class SearchService:
                     "(server.max_document_chars): split it into several documents"
                 )
         collection = self.collection(name)
-        encoder = self._encoder_for(collection)
+        encoder = self._writer_for(collection)
         started = time.perf_counter()
         # classify, encode and commit under the writer lock, so a concurrent upsert of the same ids cannot change
         # what "unchanged" meant between the two; searches are not blocked by it
@@ -448,28 +605,64 @@ class SearchService:
 
     # -- health ------------------------------------------------------------------------------------------
 
-    def health(self) -> schemas.Health:
-        import torch
+    def readiness(self) -> schemas.Readiness:
+        """Whether every served collection can be searched and written to (see the module's docstring).
 
+        >>> service.readiness().model_dump()
+        {'ready': True, 'status': 'ready', 'collections': {'default': {...}}, 'default_model': {...}}
+        """
+        with self._lock:
+            opened = dict(self._collections)
+        return self._readiness(opened)
+
+    def _readiness(self, opened: dict[str, Collection]) -> schemas.Readiness:
+        states = {name: self._encoder_state(c) for name, c in opened.items()}
+        if not self._ready.is_set() or any(s.state == "loading" for s in states.values()):
+            status = "loading"
+        elif any(s.state == "unavailable" for s in states.values()):
+            status = "unavailable"
+        else:
+            status = "ready"
+        return schemas.Readiness(
+            ready=status == "ready", status=status, collections=states, default_model=self._default_model
+        )
+
+    def health(self) -> schemas.Health:
+        """Liveness and the state of every part: each collection's counts and encoders, the default model."""
         with self._lock:
             encoders = list(self._encoders.values())
             opened = dict(self._collections)
+            loading = bool(self._loads)
+        readiness = self._readiness(opened)
+        states = readiness.collections
         device = encoders[0].device if encoders else self.settings.processing.device
         gpu = None
-        if device.startswith("cuda") and torch.cuda.is_available():
-            gpu = {
-                "allocated_bytes": torch.cuda.memory_allocated(),
-                "reserved_bytes": torch.cuda.memory_reserved(),
-            }
-        status = "ok" if self.ready else "unavailable" if self._load_error else "loading"
+        if device.startswith("cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                gpu = {
+                    "allocated_bytes": torch.cuda.memory_allocated(),
+                    "reserved_bytes": torch.cuda.memory_reserved(),
+                }
+        reasons = [f"collection {name}: {s.reason}" for name, s in states.items() if s.reason]
+        if not opened and self._load_error is not None:  # nothing served, and the default model failed
+            reasons.append(str(self._load_error))
+        if reasons and not (readiness.status == "loading" or loading):
+            status = "unavailable"
+        elif readiness.status != "ready" or loading or any(s.writes != "ready" for s in states.values()):
+            status = "loading"  # also while the full encoders load in the background after start-up
+        else:
+            status = "ok"
         return schemas.Health(
             status=status,
             model_loaded=bool(encoders) and self._ready.is_set(),
             models=sorted({f"{e.profile.name} ({e.head.label}, {e.prompt_type})" for e in encoders}),
             device=device,
-            collections={n: _collection_health(c) for n, c in opened.items()},
+            collections={n: {**_collection_health(c), **states[n].model_dump()} for n, c in opened.items()},
+            default_model=readiness.default_model,
             gpu_memory=gpu,
-            error=str(self._load_error) if self._load_error else None,
+            error="; ".join(reasons) or None,
         )
 
 

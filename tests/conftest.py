@@ -21,7 +21,8 @@ DATA = ROOT / "tests" / "data"
 def cpu_settings(**encoder):
     from indexer.settings import load_settings
 
-    return load_settings(cli={"processing": {"device": "cpu"}, "encoder": {"model": "minilm", **encoder}}, environ={})
+    cli = {"cache_dir": os.environ["STELLA_SEARCH_CACHE_DIR"], "processing": {"device": "cpu"}}
+    return load_settings(cli={**cli, "encoder": {"model": "minilm", **encoder}}, environ={})
 
 
 def server_settings(data_dir, **server):
@@ -44,6 +45,15 @@ def downgrade_to_schema_v1(collection_path: Path) -> None:
     conn.execute("UPDATE manifest SET schema_version = 1")
     conn.commit()
     conn.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache folder (ONNX exports, embedding cache) for the session, never the user's own: exported once,
+    found by cpu_settings() and, through STELLA_SEARCH_CACHE_DIR, by the CLI and the processes tests start."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["STELLA_SEARCH_CACHE_DIR"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,11 @@
 """Settings: YAML, then environment, then CLI flags; the Stella guide's YAML is accepted as written."""
 
+from pathlib import Path
+
+import platformdirs
 import pytest
 
-from indexer.settings import load_settings
+from indexer.settings import embedding_cache_dir, load_settings, onnx_dir
 from storage.errors import InvalidInputError
 
 GUIDE_YAML = """
@@ -22,7 +25,8 @@ embedding:
 """
 
 
-def test_guide_yaml_is_accepted_as_written(tmp_path):
+def test_guide_yaml_is_accepted_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     config = tmp_path / "stella.yaml"
     config.write_text(GUIDE_YAML)
     settings = load_settings(config, environ={})
@@ -30,7 +34,7 @@ def test_guide_yaml_is_accepted_as_written(tmp_path):
     assert settings.encoder.embedding_dimension == 1024
     assert settings.processing.clear_cache_interval == 25
     assert settings.embedding.cache_embeddings is True
-    assert str(settings.embedding.cache_dir) == "embeddings_cache"
+    assert settings.embedding.cache_dir == tmp_path.resolve() / "embeddings_cache"
 
 
 def test_defaults_follow_the_guide():
@@ -39,6 +43,25 @@ def test_defaults_follow_the_guide():
     assert (settings.encoder.batch_size, settings.encoder.max_length) == (16, 512)
     assert settings.encoder.prompt_type == "s2p"
     assert settings.processing.device == "auto"
+
+
+def test_caches_go_to_the_users_cache_folder_whatever_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={})
+    assert settings.cache_dir == Path(platformdirs.user_cache_dir("stella-search", appauthor=False))
+    assert onnx_dir(settings) == settings.cache_dir / "onnx"
+    assert embedding_cache_dir(settings) == settings.cache_dir / "embeddings"
+    assert settings.cache_dir.is_absolute() and not settings.cache_dir.is_relative_to(tmp_path.resolve())
+
+
+def test_a_relative_cache_folder_is_resolved_once_where_it_is_given(tmp_path, monkeypatch):
+    (tmp_path / "later").mkdir()
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={"STELLA_SEARCH_CACHE_DIR": "cache"})
+    own = load_settings(cli={"encoder": {"onnx_dir": "exports"}}, environ={})
+    monkeypatch.chdir(tmp_path / "later")
+    assert onnx_dir(settings) == tmp_path.resolve() / "cache" / "onnx"
+    assert onnx_dir(own) == tmp_path.resolve() / "exports"
 
 
 def test_precedence_yaml_then_env_then_cli(tmp_path):
