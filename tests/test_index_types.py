@@ -8,6 +8,7 @@ with passages the collection has never seen as queries.
 import json
 import sqlite3
 
+import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -18,7 +19,8 @@ from storage.errors import InvalidInputError
 from storage.vector_index import AUTO_FLAT_MAX, INDEX_TYPE, recall_at_k, resolve_index_type
 
 from bench_scale import sentences
-from conftest import SHARED_DATA, read_jsonl, write_jsonl
+from conftest import SHARED_DATA, read_jsonl, server_settings, write_jsonl
+from server import RunningServer
 
 STORED = 1000
 HELD_OUT = 150
@@ -309,3 +311,15 @@ def test_a_shrunk_collection_whose_index_file_is_lost_opens_and_searches_exactly
         assert (found == exact_top10(reopened, passages[1][STORED:])).all()
         assert reopened.info()["optimize_advised"] == "50 passages: IVF,SQ8 now means IDMap2,Flat, not IVF126,SQ8"
         assert reopened.optimize()["index_type"] == INDEX_TYPE
+
+
+@pytest.mark.parametrize("built", ["IVF,SQ8"], indirect=True)
+def test_exact_answers_to_short_searches_are_counted_in_the_metrics(built, tmp_path):
+    built.delete([f"d{i}" for i in range(25, STORED)])
+    built.checkpoint()
+    built.close()
+    with RunningServer(server_settings(tmp_path)) as running:
+        found = httpx.post(f"{running.url}/collections/c/search", json={"query": "what is a vector index", "k": 10})
+        metrics = httpx.get(f"{running.url}/metrics").text
+    assert found.status_code == 200 and len(found.json()["results"]) == 10
+    assert 'stella_exact_fallback_searches_total{collection="c"} 1.0' in metrics
