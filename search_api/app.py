@@ -9,6 +9,7 @@ event loop never blocks on the model or FAISS.
 from __future__ import annotations
 
 import hmac
+import importlib.resources
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -18,7 +19,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.settings import Settings, load_settings
@@ -39,6 +42,15 @@ from storage.errors import (
 
 log = logging.getLogger(__name__)
 SEARCH_PAGE = Path(__file__).with_name("static") / "index.html"
+# Swagger UI and ReDoc as the fastapi-offline package ships them: /docs and /redoc work without internet
+DOCS_ASSETS = Path(str(importlib.resources.files("fastapi_offline") / "static"))
+DOCS_ASSETS_URL = "/docs-assets"
+# The HTML pages may load from this server only: the browser refuses anything else (ReDoc's menu, for one, asks a
+# CDN for its logo); inline code and styles are the pages' own, blob: workers ReDoc's search index.
+SAME_ORIGIN_ONLY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:"
+)
 
 # One mapping from domain exceptions to status codes; the first matching class wins.
 STATUS_BY_ERROR: list[tuple[type[StellaSearchError], int]] = [
@@ -189,6 +201,8 @@ def create_app(
         version="0.1.0",
         summary="Vector search over Stella v5 (or MiniLM) embeddings: FAISS index, SQLite metadata.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own pages load their scripts from a CDN: served from DOCS_ASSETS below
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -319,7 +333,41 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def search_page() -> HTMLResponse:
         """The search page: plain HTML and JavaScript, no external assets."""
-        return HTMLResponse(SEARCH_PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(
+            SEARCH_PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": SAME_ORIGIN_ONLY}
+        )
+
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        """Swagger UI over /openapi.json, every asset from this server."""
+        root = request.scope.get("root_path", "")
+        page = get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            oauth2_redirect_url=None,
+            swagger_ui_parameters={"validatorUrl": None},  # else a badge image from validator.swagger.io
+        )
+        page.headers["Content-Security-Policy"] = SAME_ORIGIN_ONLY
+        return page
+
+    @app.get("/redoc", response_class=HTMLResponse, include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        """ReDoc over /openapi.json, every asset from this server (no web fonts)."""
+        root = request.scope.get("root_path", "")
+        page = get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = SAME_ORIGIN_ONLY
+        return page
 
     @app.get("/health", response_model=schemas.Health, tags=["operations"])
     def health(service: Service):

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -21,7 +22,7 @@ import httpx
 
 from indexer.settings import CLIENT_KEY_VARIABLE, Settings, load_settings
 from search_api.client import SearchAPIError
-from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION
+from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION, check_k, check_query
 from storage.errors import StellaSearchError
 
 log = logging.getLogger("stella_search")
@@ -59,12 +60,24 @@ def _settings(config: str | None, **flags) -> Settings:
 
 
 class _Command(click.Group):
-    """Domain errors, a server's error answers and an unreachable server (``--url``) become one clear line on stderr
-    and exit status 2, never a traceback."""
+    """Usage errors, domain errors, a server's error answers and an unreachable server (``--url``) become one clear
+    line on stderr and exit status 2, never a traceback."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:  # an option of the group itself
+            _fail(_usage_message(exc))
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:  # a command's arguments and options, or a combination the command refuses
+            message = _usage_message(exc)
         except StellaSearchError as exc:
             message = str(exc)
         except SearchAPIError as exc:
@@ -74,8 +87,18 @@ class _Command(click.Group):
             message = f"the HTTP request{where} failed: {type(exc).__name__}: {exc}"
         except httpx.InvalidURL as exc:
             message = f"invalid URL: {exc}"
-        click.echo(f"error: {message}", err=True)
-        sys.exit(2)
+        _fail(message)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _usage_message(exc: click.UsageError) -> str:
+    """click's message with the help hint on the same line (click prints usage, hint and error on three)."""
+    command = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "stella-search --help"
+    return f"{exc.format_message().rstrip('.')} (see '{command}')"
 
 
 def _has_request(exc: httpx.HTTPError) -> bool:
@@ -102,17 +125,34 @@ def _common(func):
     return func
 
 
+OWN_LOGGERS = ("stella_search", "indexer", "search_api", "storage")
+# Libraries whose warnings are about their own internals (the ONNX export's tracer warnings, for one), not the input
+LIBRARY_WARNINGS = r"(torch|transformers|sentence_transformers|onnx|onnxruntime)(\.|$)"
+
+
+def _normal_output(record: logging.LogRecord) -> bool:
+    """Without --verbose: our own lines from INFO, other libraries' from WARNING, the root logger's from ERROR
+    (onnxruntime's quantiser logs a line per tensor there, and a warning about pre-processing)."""
+    if record.name.split(".")[0] in OWN_LOGGERS:
+        return True
+    return record.levelno >= (logging.ERROR if record.name == "root" else logging.WARNING)
+
+
 @click.group(cls=_Command)
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging, and the libraries' own logs, warnings and bars")
 def main(verbose: bool) -> None:
     """stella-search: a vector search index for Stella v5 embeddings (FAISS + SQLite)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    if verbose:
+        return
+    handler.addFilter(_normal_output)
+    warnings.filterwarnings("ignore", module=LIBRARY_WARNINGS)
+    # transformers' "Loading weights" bars (read when huggingface_hub is first imported, which is later than this)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("sentence_transformers", "transformers", "httpx", "faiss.loader"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # sentence-transformers shows "Batches" bars below it
 
 
 @main.command()
@@ -211,7 +251,7 @@ def _filter(filter_json: str | None) -> dict | None:
 @click.argument("query")
 @_common
 @_search_options
-@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("-k", "k", type=int, default=10, show_default=True, help="results, 1..server.max_k (1000 by default)")
 @click.option("--group-by", type=click.Choice(["passage", "document"]), default="passage", show_default=True)
 @click.option("--offset", type=click.IntRange(0, 10_000), default=0, help="results to skip, for paging")
 @click.option("--url", help="search through a running server instead of opening the collection")
@@ -243,6 +283,8 @@ def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset,
         from storage.collection import collection_dir
         from storage.sharding import open_collection
 
+        check_query(query, settings.server)  # the limits a server with these settings applies
+        check_k(k, settings.server)
         with open_collection(collection_dir(settings.data_dir, settings.collection)) as collection:
             encoder = (
                 query_encoder_for_collection(collection, settings, flags["model"], flags["dim"])
@@ -267,6 +309,10 @@ def search(query, config, mode, fusion, alpha, filter_json, k, group_by, offset,
     if as_json:
         click.echo(json.dumps({"results": hits, "took_ms": round(took_ms, 2)}, indent=2, ensure_ascii=False))
         return
+    if not hits:  # said, not left blank: a filter on a misspelt field matches nothing
+        where = f" with filter {json.dumps(options['filter'])}" if options["filter"] is not None else ""
+        past = f" past the first {offset}" if offset else ""
+        click.echo(f"no results{past} in collection {settings.collection}{where}")
     for rank, hit in enumerate(hits, start=offset + 1):
         title = f" {hit['title']}" if hit["title"] else ""
         snippet = " ".join(hit["text"].split())[:160]
@@ -311,6 +357,7 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
         from indexer.sources import check_sources, read_documents
         from search_api.retrieval import Retriever, SearchOptions
 
+        check_k(k, settings.server)
         configure_search_threads(settings)
         collection, encoder = open_or_create_collection(
             settings.data_dir, settings.collection, settings, flags["model"], flags["dim"]
@@ -328,6 +375,8 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
             retriever = Retriever(collection, encoder)
 
             def search_fn(queries, k):
+                for query in queries:
+                    check_query(query, settings.server)
                 found = retriever.search_many([SearchOptions(query=q, k=k, **options) for q in queries])
                 return [[(r.hit.document_id, r.score) for r in results] for results in found]
 
@@ -487,9 +536,8 @@ def index_field(field, data_dir, collection, config, wait):
 @click.option(
     "--recall",
     type=click.FloatRange(0, 1, min_open=True),
-    default=0.95,
-    show_default=True,
-    help="recall@10 against exact search that nprobe / efSearch are tuned to, on held-out stored vectors",
+    help="recall@10 against exact search that nprobe / efSearch are tuned to, on held-out stored vectors "
+    "(default 0.95); an exact index reports that it does not apply",
 )
 @click.option(
     "--queries",

@@ -1,7 +1,8 @@
 """Prometheus metrics of one application instance (its own registry, so several apps can live in one process).
 
 Request latency per route, encode time per batch, texts encoded (rate() gives texts/s, and the last batch's
-rate is a gauge), passages per collection, and GPU memory where CUDA is present.
+rate is a gauge), passages per collection, searches an approximate index answered short (then answered exactly),
+and GPU memory where CUDA is present.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -91,16 +92,24 @@ class _CollectionCollector:
         shard_up = GaugeMetricFamily(
             "stella_shard_up", "1 when the shard answered the scrape, 0 when not", labels=["collection", "shard"]
         )
+        exact_fallbacks = CounterMetricFamily(
+            "stella_exact_fallback_searches",
+            "approximate-index searches that found fewer than k hits and were answered exactly from stored vectors",
+            labels=["collection"],
+        )
         if service is not None:
             for name, health in service.health().collections.items():
                 passages.add_metric([name], health["passages"])
                 vectors.add_metric([name], health["index_vectors"])
+                shards_up = [s for s in health.get("shards", []) if s["status"] == "ok"]
+                fallbacks = health.get("exact_fallback_searches", sum(s["exact_fallback_searches"] for s in shards_up))
+                exact_fallbacks.add_metric([name], fallbacks)
                 for shard in health.get("shards", []):
                     shard_up.add_metric([name, shard["shard"]], int(shard["status"] == "ok"))
                     if shard["status"] == "ok":
                         shard_passages.add_metric([name, shard["shard"]], shard["passages"])
                         shard_vectors.add_metric([name, shard["shard"]], shard["index_vectors"])
-        yield from (passages, vectors, shard_passages, shard_vectors, shard_up)
+        yield from (passages, vectors, shard_passages, shard_vectors, shard_up, exact_fallbacks)
         import torch
 
         if torch.cuda.is_available():

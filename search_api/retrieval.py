@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from indexer.encoder import Encoder
+from indexer.settings import ServerSettings
 from storage.collection import Collection, Hit
 from storage.errors import InvalidInputError
 
@@ -41,6 +42,26 @@ class SearchOptions:
     group_by: str = "passage"  # passage | document
     passages_per_document: int = 1
     offset: int = 0
+
+
+def check_k(k: int, limits: ServerSettings) -> None:
+    """Refuse a k outside 1..``limits.max_k``: the same rule over HTTP and in the CLI.
+
+    >>> check_k(10, ServerSettings())
+    """
+    if not 1 <= k <= limits.max_k:
+        raise InvalidInputError(f"k is {k}; it must be between 1 and {limits.max_k}")
+
+
+def check_query(query: str, limits: ServerSettings) -> None:
+    """Refuse an empty query or one over ``limits.max_query_chars``: the same rule over HTTP and in the CLI.
+
+    >>> check_query("what is faiss", ServerSettings())
+    """
+    if not query.strip():
+        raise InvalidInputError("query is empty; send some text to search for")
+    if len(query) > limits.max_query_chars:
+        raise InvalidInputError(f"query has {len(query)} characters; the limit is {limits.max_query_chars}")
 
 
 @dataclass

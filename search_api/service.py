@@ -45,7 +45,7 @@ from indexer.pipeline import encoder_for_collection, ingest_documents
 from indexer.settings import Settings, snapshot_dir
 from search_api import schemas
 from search_api.batching import QueryBatcher
-from search_api.retrieval import Result, Retriever, SearchOptions
+from search_api.retrieval import Result, Retriever, SearchOptions, check_k, check_query
 from storage.collection import (
     Collection,
     Document,
@@ -442,20 +442,8 @@ class SearchService:
 
     # -- search ------------------------------------------------------------------------------------------
 
-    def _check_k(self, k: int) -> None:
-        if not 1 <= k <= self.settings.server.max_k:
-            raise InvalidInputError(f"k is {k}; it must be between 1 and {self.settings.server.max_k}")
-
-    def _check_query(self, query: str) -> None:
-        if not query.strip():
-            raise InvalidInputError("query is empty; send some text to search for")
-        if len(query) > self.settings.server.max_query_chars:
-            raise InvalidInputError(
-                f"query has {len(query)} characters; the limit is {self.settings.server.max_query_chars}"
-            )
-
     def _options(self, query: str, options: schemas.SearchOptionsIn) -> SearchOptions:
-        self._check_k(options.k)
+        check_k(options.k, self.settings.server)
         fields = options.model_dump(include=set(SearchOptions.__dataclass_fields__) - {"query"})
         return SearchOptions(query=query, **fields)
 
@@ -493,7 +481,7 @@ class SearchService:
                 f"{len(request.queries)} queries in one batch; the limit is {self.settings.server.max_batch_queries}"
             )
         for query in request.queries:
-            self._check_query(query)
+            check_query(query, self.settings.server)
         batch = [self._options(q, request) for q in request.queries]
         collection = self.collection(name)
         retriever = self._retriever(collection, request.mode)
@@ -510,7 +498,7 @@ class SearchService:
         if (request.id is None) == (request.text is None):
             raise InvalidInputError("give exactly one of 'id' (a stored document) or 'text'")
         if request.text is not None:
-            self._check_query(request.text)
+            check_query(request.text, self.settings.server)
         collection = self.collection(name)
         retriever = Retriever(  # a text is encoded as a passage: the full encoder
             collection, self._writer_for(collection) if request.text else None, observe_encode=self._observe_encode

@@ -50,13 +50,17 @@ from storage.vector_index import (
     AUTO,
     DEFAULT_RECALL,
     INDEX_TYPE,
+    MIN_TUNING_QUERIES,
     TRAIN_POINTS_PER_LIST,
     Stamp,
     VectorIndex,
+    exact_fallback,
+    exact_search,
     import_faiss,
     index_family,
     resolve_index_type,
     top_k,
+    training_minimum,
     tune,
 )
 
@@ -271,6 +275,7 @@ class Collection:
         self._writer = WriterLock(self.path / LOCK_FILE, self.path.name)
         self._use_gpu = use_gpu
         self._index: VectorIndex
+        self.exact_fallback_searches = 0  # approximate searches that came back short and were answered exactly
         self._stamp: Stamp
 
     # -- opening -------------------------------------------------------------------------------------------
@@ -414,14 +419,19 @@ class Collection:
             self._rebuild_index()
 
     def _rebuild_index(self) -> None:
-        """Rebuild the manifest's index type from SQLite with its recorded search parameters (no re-tuning)."""
-        index, stamp, report = self._build_index(self.manifest.index_type)
+        """Rebuild the manifest's index type from SQLite with its recorded search parameters (no re-tuning); an exact
+        index while the collection has shrunk below what that type needs to be trained (``optimize`` then says so)."""
+        index_type = self.manifest.index_type
+        if self.count_passages() < training_minimum(index_type, self.dim):
+            log.warning("%s has too few passages to train %s: searching exactly until optimized", self.path, index_type)
+            index_type = INDEX_TYPE
+        index, stamp, report = self._build_index(index_type)
         with self._view.write():
             self._index, self._stamp = index, stamp
         log.info(
             "rebuilt index of %s (%s) from SQLite: %d vectors in %.2fs",
             self.path,
-            self.manifest.index_type,
+            index_type,
             index.ntotal,
             report["build_seconds"],
         )
@@ -457,10 +467,12 @@ class Collection:
                 wanted = TRAIN_POINTS_PER_LIST * ivf.nlist if ivf is not None else 65_536
                 training = self._vectors_by_id(np.sort(rng.choice(ids, min(len(ids), wanted), replace=False)))
             index = VectorIndex.create(index_type, self.dim, training, params, use_gpu=self._use_gpu)
-            tuning = recall_target is not None and index_family(index_type) != "flat" and len(ids) > 2 * TUNING_K
+            tuning = recall_target is not None and index_family(index_type) != "flat"
             held_out: dict[str, int] = {}  # document id -> tuning query number
             if tuning and queries is None:
-                query_ids = np.sort(rng.choice(ids, min(TUNING_QUERIES, max(100, len(ids) // 10), len(ids)), False))
+                query_ids = np.sort(
+                    rng.choice(ids, min(TUNING_QUERIES, max(MIN_TUNING_QUERIES, len(ids) // 10), len(ids)), False)
+                )
                 queries = self._vectors_by_id(query_ids)
                 query_docs = self._document_ids(query_ids)
                 held_out = {doc: n for n, doc in enumerate(query_docs)}
@@ -826,14 +838,16 @@ class Collection:
                 allowed = self._allowed_ids(where) if where is not None else None
                 with self._view.read():
                     current = marks == (self._stamp.max_passage_id, self._stamp.deletion_seq)
-                    exact_subset = (
-                        allowed is not None and 0 < len(allowed) <= EXACT_FILTER_MAX and not self._index.exact
-                    )
+                    approximate = not self._index.exact
+                    exact_subset = allowed is not None and 0 < len(allowed) <= EXACT_FILTER_MAX and approximate
+                    searchable = self._index.ntotal if allowed is None else len(allowed)
                     if current and not exact_subset:
                         scores, ids = self._index.search(query_vectors, k, allowed)
                 if current:
                     if exact_subset:  # same snapshot as the filter: exact over the matches' stored vectors
                         scores, ids = top_k(query_vectors @ self._vectors_by_id(allowed).T, allowed, k)
+                    elif approximate:
+                        scores, ids = self._complete_short(query_vectors, k, allowed, searchable, marks[0], scores, ids)
                     rows = self._passage_rows({int(i) for i in ids.ravel() if i >= 0})
                     return [
                         [self._hit(rows[int(i)], float(s)) for s, i in zip(qs, qi) if int(i) in rows]
@@ -841,6 +855,47 @@ class Collection:
                     ]
             self._replay()
         raise CollectionBusyError(f"collection {self.name} changed on every read attempt; retry the search")
+
+    def _complete_short(self, queries, k, allowed, searchable, max_id, scores, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Answer exactly, from the stored vectors of the same snapshot, the queries an approximate index found fewer
+        than min(k, searchable) hits for (an index trained for another size, a shrunk collection, a narrow filter):
+        a search never returns fewer hits than exist."""
+        short = (ids >= 0).sum(axis=1) < min(k, searchable)
+        if not short.any():
+            return scores, ids
+        blocks = self._stored_vectors(max_id, allowed)
+        exact_scores, exact_ids = exact_search(queries[short], blocks, min(k, searchable))
+        width = max(ids.shape[1], exact_ids.shape[1])
+        scores = np.pad(scores, ((0, 0), (0, width - scores.shape[1])), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])), constant_values=-1)
+        scores[short, : exact_scores.shape[1]], ids[short, : exact_ids.shape[1]] = exact_scores, exact_ids
+        if self.exact_fallback_searches == 0:
+            log.warning(
+                "%s: the %s index found fewer than k of the %d passages it could; answered exactly (%s)",
+                self.name,
+                self.manifest.index_type,
+                searchable,
+                self.optimize_advice() or "optimize retrains it",
+            )
+        self.exact_fallback_searches += int(short.sum())
+        return scores, ids
+
+    def _stored_vectors(
+        self, max_id: int, allowed: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(vectors, passage ids) blocks of the stored vectors up to ``max_id``, of ``allowed`` ids only when given."""
+        last = 0
+        while True:
+            rows = self._db.execute(
+                "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                [last, max_id, _READ_CHUNK],
+            ).fetchall()
+            if not rows:
+                return
+            ids = np.array([r[0] for r in rows], dtype="int64")
+            keep = np.isin(ids, allowed) if allowed is not None else np.ones(len(ids), bool)
+            yield self._vectors([r[1] for r, kept in zip(rows, keep) if kept]), ids[keep]
+            last = rows[-1][0]
 
     def _passage_rows(self, ids: set[int]) -> dict[int, dict]:
         rows: dict[int, dict] = {}
@@ -1005,16 +1060,18 @@ class Collection:
             "passages": self.count_passages(),
             "documents": self.count_documents(),
             "index_on_gpu": self.on_gpu,
+            "exact_fallback_searches": self.exact_fallback_searches,
         }
 
     def optimize(
         self,
         index: str | None = None,
-        recall: float = DEFAULT_RECALL,
+        recall: float | None = None,
         wait: float = 60.0,
         queries: np.ndarray | None = None,
     ) -> dict:
-        """Rebuild the vector index from SQLite as ``index`` and tune it to ``recall``@10 against exact search.
+        """Rebuild the vector index from SQLite as ``index`` and tune it to ``recall``@10 (default
+        ``DEFAULT_RECALL``) against exact search.
 
         Tuning queries are ``queries`` (vectors of real queries, when there are some) or else held-out stored
         passages with their documents held out (see ``_build_index``).
@@ -1025,18 +1082,34 @@ class Collection:
         written next to the old and renamed over it, then the manifest records type, search parameters and the
         measured recall (that commit is what makes it the collection's index), then searches switch to it.
 
+        Too few passages to train and tune an approximate type (:func:`storage.vector_index.exact_fallback`) get an
+        exact index, and the report's ``fallback`` says why; a ``recall`` given for an exact index is reported as
+        not applying (``recall_note``), never silently dropped. ``requested`` is kept, so a later ``optimize`` of the
+        grown collection builds it.
+
         >>> collection.optimize("HNSW32")["search"]
         {'efSearch': 24}
         """
-        if not 0 < recall <= 1:
+        if recall is not None and not 0 < recall <= 1:
             raise InvalidInputError(f"recall target must be in (0, 1], not {recall}")
         if queries is not None:
             queries = self._check_vectors(np.atleast_2d(queries), "tuning queries")
         with self.writing(wait):
             requested = (index or self.manifest.index_params.get("requested") or AUTO).strip()
-            index_type = resolve_index_type(requested, self.count_passages(), self.dim)
-            built, stamp, report = self._build_index(index_type, recall, queries)
+            passages = self.count_passages()
+            index_type = resolve_index_type(requested, passages, self.dim)
+            fallback = exact_fallback(index_type, passages, self.dim)
+            if fallback:
+                log.warning("optimizing %s: %s", self.name, fallback)
+                index_type = INDEX_TYPE
+            built, stamp, report = self._build_index(index_type, recall or DEFAULT_RECALL, queries)
             params = {"requested": requested, **report}
+            if fallback:
+                params["fallback"] = fallback
+            if recall is not None and index_family(index_type) == "flat":
+                params["recall_target"] = recall
+                params["recall_note"] = f"recall target {recall} does not apply: {index_type} searches exactly"
+                log.warning("optimizing %s: %s", self.name, params["recall_note"])
             with self._apply_lock:
                 stamp = built.save(self.path, stamp)
                 db = self._db
@@ -1047,6 +1120,7 @@ class Collection:
                 with self._view.write():
                     self._index, self._stamp = built, stamp
                     self.manifest = replace(self.manifest, index_type=index_type, index_params=params)
+                    self.exact_fallback_searches = 0
         log.info("optimized %s: %s, %s", self.name, index_type, params)
         return {"name": self.name, "index_type": index_type, **params}
 
@@ -1055,13 +1129,19 @@ class Collection:
         params = self.manifest.index_params
         passages = self.count_passages()
         wanted = resolve_index_type(params.get("requested") or AUTO, passages, self.dim)
+        if exact_fallback(wanted, passages, self.dim):
+            wanted = INDEX_TYPE
         current = self.manifest.index_type
         if index_family(wanted) != index_family(current):
             return f"{passages} passages: {params.get('requested') or AUTO} now means {wanted}, not {current}"
+        if self._index.exact and index_family(current) != "flat":
+            return f"{passages} passages are too few to train {current}: searching exactly until it is rebuilt"
         if index_family(current) == "ivf" and passages > 4 * max(1, params.get("vectors", passages)):
             return f"{passages} passages, over 4x the {params.get('vectors')} the lists were trained for"
         if self._index.tombstones > 0.2 * max(1, self.index_size):
             return f"{self._index.tombstones} deleted vectors still in the HNSW graph (excluded at search time)"
+        if self.exact_fallback_searches:
+            return f"{self.exact_fallback_searches} searches found fewer than k hits in {current}; answered exactly"
         return None
 
     def info(self) -> dict:
@@ -1077,4 +1157,5 @@ class Collection:
             "optimize_advised": self.optimize_advice(),
             "indexed_fields": sorted(self.indexed_fields()),
             "index_on_gpu": self.on_gpu,
+            "exact_fallback_searches": self.exact_fallback_searches,
         }

@@ -43,7 +43,7 @@ from storage.collection import (
     is_collection,
 )
 from storage.errors import CollectionExistsError, InvalidInputError, NotFoundError, StellaSearchError
-from storage.vector_index import DEFAULT_RECALL, INDEX_TYPE
+from storage.vector_index import INDEX_TYPE
 
 MAX_SHARDS = 256
 PASSAGE_ID_BITS = 40  # shard i's passage ids start at i << 40: room for a trillion passages per shard
@@ -315,6 +315,7 @@ class ShardedCollection:
                         "passages",
                         "index_vectors",
                         "index_type",
+                        "index_params",
                         "index_tombstones",
                         "optimize_advised",
                         "index_on_gpu",
@@ -376,7 +377,7 @@ class ShardedCollection:
     def optimize(
         self,
         index: str | None = None,
-        recall: float = DEFAULT_RECALL,
+        recall: float | None = None,
         wait: float = 60.0,
         queries: np.ndarray | None = None,
     ) -> dict:

@@ -8,6 +8,7 @@ with passages the collection has never seen as queries.
 import json
 import sqlite3
 
+import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -18,7 +19,8 @@ from storage.errors import InvalidInputError
 from storage.vector_index import AUTO_FLAT_MAX, INDEX_TYPE, recall_at_k, resolve_index_type
 
 from bench_scale import sentences
-from conftest import DATA, read_jsonl, write_jsonl
+from conftest import DATA, read_jsonl, server_settings, write_jsonl
+from server import RunningServer
 
 STORED = 1000
 HELD_OUT = 150
@@ -225,3 +227,99 @@ def test_an_index_file_of_another_type_than_the_manifest_is_rebuilt(tmp_path, pa
     with Collection.open(path) as reopened:
         assert reopened.manifest.index_type == INDEX_TYPE and reopened._index.exact
         assert reopened.search(vectors[:1], 1)[0][0].document_id == "d0"
+
+
+def small_collection(tmp_path, passages, manifest, n: int) -> None:
+    texts, vectors = passages
+    with Collection.create(collection_dir(tmp_path, "c"), manifest) as collection:
+        fill(collection, texts[:n], vectors[:n])
+
+
+@pytest.mark.parametrize("requested", ["IVF,SQ8", "HNSW32", "IVF,PQ48"])
+def test_too_small_for_an_approximate_index_optimize_keeps_exact_search_and_says_why(
+    tmp_path, passages, manifest, requested
+):
+    small_collection(tmp_path, passages, manifest, 20)
+    runner = CliRunner()
+    common = ["--data-dir", str(tmp_path), "--collection", "c"]
+    optimized = runner.invoke(main, ["optimize", *common, "--index", requested])
+    assert optimized.exit_code == 0, optimized.output
+    report = json.loads(optimized.stdout)
+    assert report["index_type"] == INDEX_TYPE and report["requested"] == requested
+    assert "20 vectors are too few to train and tune" in report["fallback"], report
+    assert "recall_note" not in report  # no --recall given: nothing to report about it
+    found = runner.invoke(main, ["search", "what is the capital of france", *common, "-k", "10", "--json"])
+    assert found.exit_code == 0, found.output
+    assert len(json.loads(found.stdout)["results"]) == 10
+    info = json.loads(runner.invoke(main, ["info", *common]).stdout)[0]
+    assert info["index_type"] == INDEX_TYPE and info["index_params"]["fallback"] == report["fallback"]
+    assert info["optimize_advised"] is None
+
+
+def test_a_recall_target_an_exact_index_cannot_use_is_reported(tmp_path, passages, manifest):
+    small_collection(tmp_path, passages, manifest, 20)
+    common = ["--data-dir", str(tmp_path), "--collection", "c", "--recall", "0.9"]
+    for requested in ("IVF,SQ8", "Flat"):
+        result = CliRunner().invoke(main, ["optimize", *common, "--index", requested])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["recall_target"] == 0.9
+        assert report["recall_note"] == "recall target 0.9 does not apply: IDMap2,Flat searches exactly"
+
+
+def test_an_exact_fallback_becomes_the_requested_index_once_the_collection_grows(tmp_path, passages, manifest):
+    texts, vectors = passages
+    with Collection.create(tmp_path / "c", manifest) as collection:
+        fill(collection, texts[:20], vectors[:20])
+        assert collection.optimize("IVF,SQ8")["index_type"] == INDEX_TYPE
+        fill(collection, texts[20:STORED], vectors[20:STORED], first=20)
+        assert (
+            collection.info()["optimize_advised"]
+            == f"{STORED} passages: IVF,SQ8 now means IVF126,SQ8, not {INDEX_TYPE}"
+        )
+        report = collection.optimize()  # the request was kept
+        assert report["index_type"] == "IVF126,SQ8" and "fallback" not in report
+        assert report["recall_at_10"] >= 0.95
+
+
+@pytest.mark.parametrize("built", ["IVF,SQ8", "HNSW32"], indirect=True)
+def test_a_shrunk_collection_still_returns_every_hit_up_to_k(built, passages):
+    texts, vectors = passages
+    built.delete([f"d{i}" for i in range(25, STORED)])  # the index was trained and tuned for 1000
+    queries = vectors[STORED:]
+    found = search_ids(built, queries, k=10)
+    assert (found >= 0).sum(axis=1).tolist() == [10] * len(queries)
+    assert set(found.ravel().tolist()) <= set(range(1, 26))  # passage ids of d0..d24
+    filtered = built.search(queries, 10, where={"group": {"$in": [1, 2, 3]}})  # 9 of the 25 left
+    assert [len(hits) for hits in filtered] == [9] * len(queries)
+    info = built.info()
+    assert info["exact_fallback_searches"] > 0
+    requested, index_type = built.manifest.index_params["requested"], built.manifest.index_type
+    assert info["optimize_advised"] == f"25 passages: {requested} now means {INDEX_TYPE}, not {index_type}"
+
+
+@pytest.mark.parametrize("built", ["IVF,SQ8"], indirect=True)
+def test_a_shrunk_collection_whose_index_file_is_lost_opens_and_searches_exactly(built, passages):
+    built.delete([f"d{i}" for i in range(50, STORED)])  # 50 left: fewer than the 126 lists to train
+    built.checkpoint()
+    path = built.path
+    built.close()
+    (path / "index.faiss").unlink()
+    with Collection.open(path) as reopened:
+        assert reopened.manifest.index_type == "IVF126,SQ8" and reopened._index.exact
+        found = search_ids(reopened, passages[1][STORED:], k=10)
+        assert (found == exact_top10(reopened, passages[1][STORED:])).all()
+        assert reopened.info()["optimize_advised"] == "50 passages: IVF,SQ8 now means IDMap2,Flat, not IVF126,SQ8"
+        assert reopened.optimize()["index_type"] == INDEX_TYPE
+
+
+@pytest.mark.parametrize("built", ["IVF,SQ8"], indirect=True)
+def test_exact_answers_to_short_searches_are_counted_in_the_metrics(built, tmp_path):
+    built.delete([f"d{i}" for i in range(25, STORED)])
+    built.checkpoint()
+    built.close()
+    with RunningServer(server_settings(tmp_path)) as running:
+        found = httpx.post(f"{running.url}/collections/c/search", json={"query": "what is a vector index", "k": 10})
+        metrics = httpx.get(f"{running.url}/metrics").text
+    assert found.status_code == 200 and len(found.json()["results"]) == 10
+    assert 'stella_exact_fallback_searches_total{collection="c"} 1.0' in metrics

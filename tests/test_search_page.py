@@ -1,7 +1,12 @@
-"""The search page in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium).
-`.ci/run` installs the browser; on a machine without it these tests are skipped with that reason."""
+"""The search page and the API docs in a real headless Chromium (Debian's chromium + chromedriver, driven by
+Selenium). `.ci/run` installs the browser; on a machine without it these tests are skipped with that reason.
 
+Every request a page makes is read from Chromium's DevTools log, so a page that loads anything from another host
+fails here even on a machine with internet."""
+
+import json
 import shutil
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -42,6 +47,7 @@ def browser_and_server(tmp_path_factory):
         f"--user-data-dir={root / 'profile'}",
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     with RunningServer(settings) as server:
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         try:
@@ -86,3 +92,62 @@ def test_search_page_applies_a_filter(browser_and_server):
     assert results
     assert all('"lang":"de"' in r.find_element(By.CLASS_NAME, "meta").text for r in results)
     assert all(r.find_element(By.CLASS_NAME, "title").text != "Oceanic Airlines" for r in results)  # it is "en"
+
+
+def requested_urls(driver) -> list[str]:
+    """Every URL the browser sent a request for since the last call, failed ones included; requests the page's
+    Content-Security-Policy stopped before they left the browser are not counted (DevTools Network events)."""
+    sent, blocked = {}, set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            sent[message["params"]["requestId"]] = message["params"]["request"]["url"]
+        elif message["method"] == "Network.loadingFailed" and message["params"].get("blockedReason") == "csp":
+            blocked.add(message["params"]["requestId"])
+    return [url for request, url in sent.items() if request not in blocked]
+
+
+def elsewhere(urls: list[str], server_url: str) -> list[str]:
+    """The network URLs among ``urls`` that are not on the server (data: and the browser's own chrome: URLs are
+    no requests to anyone)."""
+    own = urlsplit(server_url).netloc
+    return [u for u in urls if urlsplit(u).scheme in ("http", "https", "ws", "wss") and urlsplit(u).netloc != own]
+
+
+def test_search_page_loads_nothing_from_elsewhere(browser_and_server):
+    driver, server = browser_and_server
+    requested_urls(driver)
+    run_query(driver, server.url, "fictional airline")
+    urls = requested_urls(driver)
+    assert server.url + "/" in urls
+    assert elsewhere(urls, server.url) == []
+
+
+def test_api_docs_render_from_the_server_alone(browser_and_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, server = browser_and_server
+    requested_urls(driver)
+    driver.get(server.url + "/docs")
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock"))
+    paths = {e.get_attribute("data-path") for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/collections/{collection}/search", "/collections", "/health"} <= paths
+    urls = requested_urls(driver)
+    assert server.url + "/openapi.json" in urls
+    assert elsewhere(urls, server.url) == []
+
+
+def test_redoc_renders_from_the_server_alone(browser_and_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, server = browser_and_server
+    requested_urls(driver)
+    driver.get(server.url + "/redoc")
+    wait = WebDriverWait(driver, 30)
+    wait.until(lambda d: "/collections/{collection}/search" in d.find_element(By.TAG_NAME, "body").text)
+    assert "stella-search" in driver.find_element(By.CSS_SELECTOR, ".api-info h1").text
+    urls = requested_urls(driver)
+    assert server.url + "/openapi.json" in urls
+    assert elsewhere(urls, server.url) == []
