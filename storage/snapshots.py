@@ -122,6 +122,8 @@ def take_snapshot(collection: Collection, destination: Path, wait: float = 60.0)
             target = sqlite3.connect(partial / DB_FILE)
             try:
                 source.backup(target)
+                # a rollback journal, not WAL: the snapshot is one self-contained file, with no -wal or -shm beside it
+                target.execute("PRAGMA journal_mode=DELETE")
             finally:
                 target.close()
             collection.checkpoint_to(partial)
