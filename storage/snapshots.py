@@ -37,7 +37,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from storage.collection import DB_FILE, SCHEMA_VERSION, Collection, Manifest
+from storage.collection import DB_FILE, FTS_SCHEMA, METADATA_INDEX_SCHEMA, SCHEMA_VERSION, Collection, Manifest
 from storage.errors import (
     ConflictError,
     InvalidInputError,
@@ -295,6 +295,27 @@ def _check_schema(conn: sqlite3.Connection, fail: Fail) -> None:
             fail(f"{DB_FILE}: table {table!r} lacks the columns {', '.join(sorted(missing))}")
 
 
+def _known_triggers() -> dict[str, str]:
+    """The triggers a collection has, name -> SQL as sqlite_master keeps it, from the statements that create them."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE documents (id TEXT PRIMARY KEY, title TEXT, metadata TEXT)")
+        conn.execute("CREATE TABLE passages (id INTEGER PRIMARY KEY, document_id TEXT, text TEXT)")
+        for statement in FTS_SCHEMA + METADATA_INDEX_SCHEMA:
+            conn.execute(statement)
+        return dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall())
+    finally:
+        conn.close()
+
+
+def _check_triggers(conn: sqlite3.Connection, fail: Fail) -> None:
+    """Only the collection's own triggers (and no views): any other code in the schema would run on later writes."""
+    known = _known_triggers()
+    for kind, name, sql in conn.execute("SELECT type, name, sql FROM sqlite_master WHERE type IN ('trigger', 'view')"):
+        if kind != "trigger" or known.get(name) != sql:
+            fail(f"{DB_FILE} has a {kind} {_shown(name)} that is not one of a collection's own")
+
+
 def _check_manifest_row(conn: sqlite3.Connection, fail: Fail) -> dict:
     """The one manifest row, each field of a type and range a Manifest can hold."""
     cursor = conn.execute("SELECT * FROM manifest")
@@ -381,6 +402,7 @@ def _verify_database(snapshot: Path, info: dict, staging: Path) -> None:
         if [tuple(v) for v in verdict] != [("ok",)]:
             fail(f"{DB_FILE} fails SQLite's integrity check ({'; '.join(str(v[0]) for v in verdict[:3])})")
         _check_schema(conn, fail)
+        _check_triggers(conn, fail)
         row = _check_manifest_row(conn, fail)
         _check_rows(conn, row["dim"], fail)
         found = {

@@ -101,8 +101,7 @@ def run_sql(statement: str):
     def tamper(snapshot: Path) -> None:
         conn = sqlite3.connect(snapshot / "collection.db")
         conn.execute("PRAGMA journal_mode=DELETE")  # the change lands in collection.db itself, not a -wal beside it
-        conn.execute(statement)
-        conn.commit()
+        conn.executescript(statement)
         conn.close()
         rehash(snapshot)
 
@@ -150,6 +149,17 @@ TAMPERED = {
     "vector-one-byte": (run_sql("UPDATE passages SET vector = x'00'"), "1-byte blob, expected 1536 bytes"),
     "metadata-not-json": (run_sql("UPDATE documents SET metadata = 'not json'"), "malformed id, title, text or meta"),
     "index-not-faiss": (forged_index, "index.faiss is not a FAISS index"),
+    "trigger-planted": (
+        run_sql("CREATE TRIGGER wipe AFTER INSERT ON passages BEGIN DELETE FROM documents; END"),
+        "trigger 'wipe' that is not one of a collection's own",
+    ),
+    "trigger-replaced": (
+        run_sql(
+            "DROP TRIGGER passages_fts_delete; "
+            "CREATE TRIGGER passages_fts_delete AFTER DELETE ON passages BEGIN DELETE FROM documents; END"
+        ),
+        "trigger 'passages_fts_delete' that is not one of a collection's own",
+    ),
 }
 
 
