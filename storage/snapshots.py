@@ -486,7 +486,7 @@ def _restore_lock(target: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            path.unlink()  # while still locked: whoever opens the path next gets a new file
+            path.unlink(missing_ok=True)  # while still locked: whoever opens the path next gets a new file
 
 
 def restore_snapshot(snapshot: Path, target: Path, replace: bool = False) -> dict:
