@@ -172,6 +172,13 @@ class Settings(_Section):
         "(default: the platform's user cache folder, e.g. ~/.cache/stella-search; STELLA_SEARCH_CACHE_DIR)",
     )
     snapshot_dir: Path | None = Field(None, description="where snapshots go; None means <data_dir>/.snapshots")
+    snapshot_keep: int = Field(
+        5,
+        ge=0,
+        description="snapshots kept per collection in snapshot_dir: after each new one (API or CLI) the oldest "
+        "beyond this many are deleted; 0 keeps all. 5 lets you step back past several bad writes while disk use "
+        "stays bounded at five copies of each collection (without a limit they pile up unbounded)",
+    )
     collection: str = "default"
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     processing: ProcessingSettings = Field(default_factory=ProcessingSettings)

@@ -322,8 +322,14 @@ def create_app(
 
     @read.get("/snapshots", response_model=list[schemas.SnapshotInfo], tags=["snapshots"])
     def list_snapshots(service: Service):
-        """Snapshots under the server's snapshot directory."""
+        """Snapshots under the server's snapshot directory; a broken one is listed with the reason."""
         return service.snapshots()
+
+    @write.delete("/snapshots/{snapshot}", response_model=schemas.Deleted, tags=["snapshots"])
+    def delete_snapshot(snapshot: str, service: Service):
+        """Delete a snapshot (a symbolic link by its name is removed, never followed)."""
+        service.delete_snapshot(snapshot)
+        return schemas.Deleted(deleted=snapshot)
 
     @write.post("/collections/restore", response_model=schemas.CollectionInfo, status_code=201, tags=["snapshots"])
     def restore(body: schemas.RestoreRequest, service: Service):

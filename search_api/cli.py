@@ -441,27 +441,41 @@ def delete(data_dir, collection, config, ids, filter_json, wait):
 
 @main.command()
 @click.option("--data-dir", type=click.Path(file_okay=False))
-@click.option("--collection", help="collection name (default: 'default')")
+@click.option("--collection", help="collection name (default: 'default'; with --prune: every collection)")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="snapshot directory (default: under snapshot_dir)")
 @click.option("--wait", type=float, default=60.0, show_default=True, help="seconds to wait for another writer")
-def snapshot(data_dir, collection, config, out, wait):
+@click.option(
+    "--prune", is_flag=True, help="take none: delete those in snapshot_dir beyond snapshot_keep per collection"
+)
+def snapshot(data_dir, collection, config, out, wait, prune):
     """Copy a collection consistently (SQLite backup API + index checkpoint), also while it is being served.
 
-    A sharded collection is snapshotted shard by shard: each shard is an ordinary collection
-    (``--data-dir DATA/NAME --collection shard-000``).
+    A snapshot into snapshot_dir (the default) is followed by the retention: each collection keeps its newest
+    ``snapshot_keep`` snapshots there (0 keeps all). A sharded collection is snapshotted shard by shard: each shard is
+    an ordinary collection (``--data-dir DATA/NAME --collection shard-000``).
     """
     from indexer.settings import snapshot_dir
     from storage.collection import Collection, collection_dir
     from storage.sharding import refuse_sharded
-    from storage.snapshots import snapshot_name, take_snapshot
+    from storage.snapshots import prune_snapshots, snapshot_name, take_snapshot
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
+    root = snapshot_dir(settings)
+    if prune:
+        if out:
+            raise click.UsageError("--prune applies to snapshot_dir; it takes no --out")
+        pruned = prune_snapshots(root, settings.snapshot_keep, collection=collection)
+        click.echo(json.dumps({"snapshot_dir": str(root), "keep": settings.snapshot_keep, "deleted": pruned}, indent=2))
+        return
     refuse_sharded(collection_dir(settings.data_dir, settings.collection), "snapshot")
-    destination = Path(out) if out else snapshot_dir(settings) / snapshot_name(settings.collection)
+    destination = Path(out) if out else root / snapshot_name(settings.collection)
     with Collection.open(collection_dir(settings.data_dir, settings.collection)) as opened:
         info = take_snapshot(opened, destination, wait=wait)
-    click.echo(json.dumps({"snapshot": str(destination), **info}, indent=2))
+    pruned = []
+    if destination.parent.resolve() == root.resolve():  # the retention governs snapshot_dir, not copies elsewhere
+        pruned = prune_snapshots(root, settings.snapshot_keep, collection=settings.collection)
+    click.echo(json.dumps({"snapshot": str(destination), **info, "pruned": pruned}, indent=2))
 
 
 @main.command()
@@ -471,7 +485,10 @@ def snapshot(data_dir, collection, config, out, wait):
 @click.option("--config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--replace", is_flag=True, help="replace an existing collection (kept aside, never deleted)")
 def restore(snapshot_path, data_dir, collection, config, replace):
-    """Verify a snapshot (checksums, SQLite integrity, counts) and install it as a collection."""
+    """Verify a snapshot (checksums, schema, SQLite integrity, vectors, index, counts) and install it as a collection.
+
+    The copy is verified before anything moves; an existing collection is kept aside, never deleted, with --replace.
+    """
     from storage.collection import collection_dir
     from storage.snapshots import restore_snapshot
 

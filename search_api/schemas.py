@@ -248,21 +248,38 @@ class DeleteResponse(BaseModel):
 
 class SnapshotInfo(BaseModel):
     snapshot: str = Field(..., description="snapshot name, under the server's snapshot_dir")
-    collection: str
-    created_at: str
-    documents: int
-    passages: int
+    state: Literal["ok", "broken"] = Field(
+        "ok",
+        description="broken: its manifest or files are unusable (reason says why) and it cannot be restored; ok: "
+        "its manifest and files are in place (checksums and contents are verified when it is restored)",
+    )
+    reason: str | None = Field(None, description="why a broken snapshot cannot be restored")
+    collection: str | None = None
+    created_at: str | None = None
+    documents: int | None = None
+    passages: int | None = None
 
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
                 {
                     "snapshot": "default-20261123T101500123456Z",
+                    "state": "ok",
+                    "reason": None,
                     "collection": "default",
                     "created_at": "2026-11-23T10:15:00+00:00",
                     "documents": 500,
                     "passages": 512,
-                }
+                },
+                {
+                    "snapshot": "default-20261120T101500123456Z",
+                    "state": "broken",
+                    "reason": "snapshot.json is not JSON (Expecting value: line 1 column 1 (char 0))",
+                    "collection": None,
+                    "created_at": None,
+                    "documents": None,
+                    "passages": None,
+                },
             ]
         }
     )

@@ -29,9 +29,7 @@ True
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import shutil
 import threading
 import time
@@ -62,13 +60,21 @@ from storage.errors import (
     PayloadTooLargeError,
 )
 from storage.sharding import ShardedCollection, create_collection, open_collection, refuse_sharded
-from storage.snapshots import restore_snapshot, snapshot_name, take_snapshot
+from storage.snapshots import (
+    SnapshotEntry,
+    delete_snapshot,
+    list_snapshots,
+    prune_snapshots,
+    restore_snapshot,
+    snapshot_name,
+    snapshot_path,
+    take_snapshot,
+)
 
 log = logging.getLogger(__name__)
 
 WRITE_WAIT_S = 60.0
 MODEL_PROFILES = ("stella-1.5b", "stella-400m", "minilm")
-SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CHECKPOINT_AFTER_PASSAGES = 10_000  # FAISS file rewrite cadence for API writes; SQLite already holds every vector
 
 
@@ -368,40 +374,39 @@ class SearchService:
     # -- snapshots ---------------------------------------------------------------------------------------
 
     def take_snapshot(self, name: str) -> schemas.SnapshotInfo:
+        """Snapshot a served collection into snapshot_dir, then apply the retention (``snapshot_keep``)."""
         collection = self.collection(name)
         refuse_sharded(collection.path, "snapshot")
         label = snapshot_name(name)
-        info = take_snapshot(collection, snapshot_dir(self.settings) / label)
-        return schemas.SnapshotInfo(
-            snapshot=label,
-            collection=name,
-            created_at=info["created_at"],
-            documents=info["documents"],
-            passages=info["passages"],
-        )
+        root = snapshot_dir(self.settings)
+        info = take_snapshot(collection, root / label)
+        try:
+            pruned = prune_snapshots(root, self.settings.snapshot_keep, collection=name)
+        except OSError as exc:  # the snapshot is taken; an old one left behind is no reason to fail the request
+            log.warning("could not apply the snapshot retention to %s: %s", root, exc)
+        else:
+            if pruned:
+                log.info("retention (snapshot_keep %d) deleted %s", self.settings.snapshot_keep, ", ".join(pruned))
+        return self._snapshot_info(SnapshotEntry(label, info))
+
+    @staticmethod
+    def _snapshot_info(entry: SnapshotEntry) -> schemas.SnapshotInfo:
+        if entry.info is None:
+            return schemas.SnapshotInfo(snapshot=entry.name, state="broken", reason=entry.problem)
+        fields = ("collection", "created_at", "documents", "passages")
+        return schemas.SnapshotInfo(snapshot=entry.name, **{key: entry.info[key] for key in fields})
 
     def snapshots(self) -> list[schemas.SnapshotInfo]:
-        root = snapshot_dir(self.settings)
-        out = []
-        for path in sorted(root.iterdir()) if root.is_dir() else []:
-            if (path / "snapshot.json").exists():
-                info = json.loads((path / "snapshot.json").read_text())
-                out.append(
-                    schemas.SnapshotInfo(
-                        snapshot=path.name,
-                        collection=info["collection"],
-                        created_at=info["created_at"],
-                        documents=info["documents"],
-                        passages=info["passages"],
-                    )
-                )
-        return out
+        """Every snapshot under snapshot_dir; a broken one is listed as such, with the reason."""
+        return [self._snapshot_info(entry) for entry in list_snapshots(snapshot_dir(self.settings))]
+
+    def delete_snapshot(self, name: str) -> None:
+        delete_snapshot(snapshot_dir(self.settings), name)
 
     def restore(self, request: schemas.RestoreRequest) -> schemas.CollectionInfo:
-        if not SNAPSHOT_NAME.match(request.snapshot):
-            raise InvalidInputError(f"invalid snapshot name {request.snapshot!r}; GET /snapshots lists them")
-        source = snapshot_dir(self.settings) / request.snapshot
-        if not source.is_dir():
+        """Verify a snapshot and serve it as a new collection (never over an existing one)."""
+        source = snapshot_path(snapshot_dir(self.settings), request.snapshot)
+        if not (source.is_dir() or source.is_symlink()):
             raise NotFoundError(f"no snapshot named {request.snapshot!r}; GET /snapshots lists them")
         target = collection_dir(self.data_dir, request.collection)
         with self._lock:
@@ -410,7 +415,7 @@ class SearchService:
                     f"collection {request.collection!r} exists; restore into a new name (replacing a served "
                     "collection needs the CLI with the server stopped)"
                 )
-        restore_snapshot(source, target)  # slow (checksums, integrity check): not under the service lock
+        restore_snapshot(source, target)  # slow (checksums, verification): not under the service lock
         collection = Collection.open(target)
         with self._lock:  # a request may have opened it on demand meanwhile: serve one copy
             served = self._collections.setdefault(request.collection, collection)

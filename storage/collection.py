@@ -126,7 +126,7 @@ COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def collection_dir(data_dir: Path | str, name: str) -> Path:
     """Where collection ``name`` lives under ``data_dir``; the name must be a safe directory name."""
-    if not COLLECTION_NAME.match(name or ""):
+    if not COLLECTION_NAME.fullmatch(name or ""):
         raise InvalidInputError(
             f"invalid collection name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
             "letter or digit"
@@ -145,7 +145,7 @@ def list_collections(data_dir: Path | str) -> list[str]:
     root = Path(data_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if COLLECTION_NAME.match(p.name) and is_collection(p))
+    return sorted(p.name for p in root.iterdir() if COLLECTION_NAME.fullmatch(p.name) and is_collection(p))
 
 
 def _metadata_json(metadata: dict) -> str:

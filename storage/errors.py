@@ -19,6 +19,17 @@ class PayloadTooLargeError(InvalidInputError):
     """A request body or batch over the configured limits (HTTP 413)."""
 
 
+class InvalidSnapshotError(InvalidInputError):
+    """A snapshot that is damaged, incomplete or not one (HTTP 400); nothing is restored from it.
+
+    ``problem`` is the reason alone, as ``GET /snapshots`` shows it beside a broken snapshot.
+    """
+
+    def __init__(self, snapshot: str, problem: str):
+        super().__init__(f"snapshot {snapshot} cannot be restored: {problem}")
+        self.snapshot, self.problem = snapshot, problem
+
+
 class NotFoundError(StellaSearchError, LookupError):
     """An unknown collection or document (HTTP 404)."""
 

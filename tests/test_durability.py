@@ -21,7 +21,7 @@ from indexer.pipeline import ingest_paths
 from search_api.cli import main
 from search_api.client import SearchClient
 from storage.collection import Collection, Document, Manifest, Passage
-from storage.errors import CollectionBusyError, CorruptCollectionError, InvalidInputError
+from storage.errors import CollectionBusyError, InvalidInputError, InvalidSnapshotError
 from storage.filters import compile_filter
 from storage.snapshots import restore_snapshot, take_snapshot
 
@@ -331,7 +331,7 @@ def test_a_damaged_snapshot_is_refused_and_nothing_is_installed(tmp_path, minilm
         assert copy.count_documents() == 2 and copy.index_size == 2
     index = tmp_path / "snap" / "index.faiss"
     index.write_bytes(index.read_bytes()[:-8] + b"\x00" * 8)
-    with pytest.raises(CorruptCollectionError, match="index.faiss is missing or fails its checksum"):
+    with pytest.raises(InvalidSnapshotError, match="index.faiss fails its checksum"):
         restore_snapshot(tmp_path / "snap", tmp_path / "data" / "second")
     assert not (tmp_path / "data" / "second").exists()
 
