@@ -8,7 +8,6 @@ event loop never blocks on the model or FAISS.
 
 from __future__ import annotations
 
-import hmac
 import importlib.resources
 import logging
 import time
@@ -16,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -26,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.settings import Settings, load_settings
 from search_api import schemas
+from search_api.auth import Access, BearerKeys, access_summary, may_see_details, needed_keys, open_writes_warning
 from search_api.metrics import Metrics
 from search_api.service import SearchService
 from storage.errors import (
@@ -64,10 +64,14 @@ STATUS_BY_ERROR: list[tuple[type[StellaSearchError], int]] = [
     (StellaSearchError, 400),
 ]
 
-ERROR_RESPONSES = {
-    400: {"model": schemas.ErrorBody, "description": "bad input; the message says what to change"},
+BEARER = "bearer"  # the OpenAPI security scheme of the keyed routes
+KEY_RESPONSES = {
     401: {"model": schemas.ErrorBody, "description": "missing bearer key"},
     403: {"model": schemas.ErrorBody, "description": "wrong bearer key"},
+}
+ERROR_RESPONSES = {
+    400: {"model": schemas.ErrorBody, "description": "bad input; the message says what to change"},
+    **KEY_RESPONSES,
     404: {"model": schemas.ErrorBody, "description": "unknown collection or document"},
     409: {
         "model": schemas.ErrorBody,
@@ -79,35 +83,46 @@ ERROR_RESPONSES = {
 }
 
 
-class _Unauthorized(Exception):
-    def __init__(self, status: int, detail: str):
-        self.status, self.detail = status, detail
+class Routes:
+    """Declares routes on ``app`` that need ``access`` and records each in ``table`` (route name -> Access), the
+    one table the :class:`BearerKeys` middleware reads; a route that needs a key under ``settings`` says so in the
+    OpenAPI document.
 
+    >>> read = Routes(app, Access.READ, table, settings, responses=ERROR_RESPONSES)
+    >>> @read.get("/collections")
+    ... def list_collections(): ...
+    """
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    def __init__(self, app: FastAPI, access: Access, table: dict[str, Access], settings: Settings, **defaults):
+        self.app, self.access, self.table, self.defaults = app, access, table, defaults
+        self.keyed = bool(needed_keys(access, settings.server))
 
+    def get(self, path: str, **options):
+        return self._route("GET", path, options)
 
-def _check_key(request: Request, accepted: list[str]) -> None:
-    token = _bearer(request)
-    if token is None:
-        raise _Unauthorized(401, "this endpoint needs 'Authorization: Bearer <key>'")
-    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in accepted):
-        raise _Unauthorized(403, "the bearer key is not valid for this endpoint")
+    def post(self, path: str, **options):
+        return self._route("POST", path, options)
 
+    def delete(self, path: str, **options):
+        return self._route("DELETE", path, options)
 
-def require_write(request: Request) -> None:
-    key = request.app.state.settings.server.api_key
-    if key:
-        _check_key(request, [key])
+    def _route(self, method: str, path: str, options: dict):
+        options = {
+            **self.defaults,
+            **options,
+            "responses": {**self.defaults.get("responses", {}), **options.get("responses", {})},
+        }
+        if self.keyed:
+            options["openapi_extra"] = {"security": [{BEARER: []}]}
 
+        def declare(endpoint):
+            name = options.get("name", endpoint.__name__)
+            if name in self.table:
+                raise ValueError(f"two routes are named {name!r}: the access table needs unique names")
+            self.table[name] = self.access
+            return self.app.api_route(path, methods=[method], **options)(endpoint)
 
-def require_read(request: Request) -> None:
-    server = request.app.state.settings.server
-    if server.read_api_key:
-        _check_key(request, [k for k in (server.read_api_key, server.api_key) if k])
+        return declare
 
 
 def get_service(request: Request) -> SearchService:
@@ -181,6 +196,10 @@ def create_app(
     endpoints: the single-machine :class:`SearchService`, or the Ray Serve one of ``search_api.cluster``.
     """
     settings = settings or load_settings()
+    warning = open_writes_warning(settings.server)  # raises where writes would be open by accident
+    log.info(access_summary(settings.server))
+    if warning:
+        log.warning(warning)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -207,6 +226,9 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, limit=settings.server.max_body_bytes)
+    access: dict[str, Access] = {"openapi": Access.OPEN, "docs-assets": Access.OPEN}
+    # outside BodyLimit: the key is checked before the body is read; inside CORS: refusals carry its headers
+    app.add_middleware(BearerKeys, router=app.router, access=access, server=settings.server)
     if settings.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -222,11 +244,6 @@ def create_app(
         status = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
         headers = {"Retry-After": "2"} if isinstance(exc, (ModelLoadingError, ShardUnavailableError)) else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
-
-    @app.exception_handler(_Unauthorized)
-    async def unauthorized(request: Request, exc: _Unauthorized):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -250,8 +267,11 @@ def create_app(
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
 
-    read = APIRouter(dependencies=[Depends(require_read)], responses=ERROR_RESPONSES)
-    write = APIRouter(dependencies=[Depends(require_write)], responses=ERROR_RESPONSES)
+    read = Routes(app, Access.READ, access, settings, responses=ERROR_RESPONSES)
+    write = Routes(app, Access.WRITE, access, settings, responses=ERROR_RESPONSES)
+    public = Routes(app, Access.OPEN, access, settings, include_in_schema=False)
+    probe = Routes(app, Access.PROBE, access, settings, tags=["operations"])
+    scraped = Routes(app, Access.METRICS, access, settings, tags=["operations"], responses=KEY_RESPONSES)
 
     @read.post("/collections/{collection}/search", response_model=schemas.SearchResponse, tags=["search"])
     def search(collection: str, body: schemas.SearchRequest, service: Service):
@@ -330,7 +350,7 @@ def create_app(
         """Verify a snapshot and serve it as a new collection."""
         return service.restore(body)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @public.get("/", response_class=HTMLResponse)
     def search_page() -> HTMLResponse:
         """The search page: plain HTML and JavaScript, no external assets."""
         return HTMLResponse(
@@ -339,7 +359,7 @@ def create_app(
 
     app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
 
-    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    @public.get("/docs", response_class=HTMLResponse)
     def swagger_ui(request: Request) -> HTMLResponse:
         """Swagger UI over /openapi.json, every asset from this server."""
         root = request.scope.get("root_path", "")
@@ -355,7 +375,7 @@ def create_app(
         page.headers["Content-Security-Policy"] = SAME_ORIGIN_ONLY
         return page
 
-    @app.get("/redoc", response_class=HTMLResponse, include_in_schema=False)
+    @public.get("/redoc", response_class=HTMLResponse)
     def redoc(request: Request) -> HTMLResponse:
         """ReDoc over /openapi.json, every asset from this server (no web fonts)."""
         root = request.scope.get("root_path", "")
@@ -369,37 +389,57 @@ def create_app(
         page.headers["Content-Security-Policy"] = SAME_ORIGIN_ONLY
         return page
 
-    @app.get("/health", response_model=schemas.Health, tags=["operations"])
-    def health(service: Service):
+    @probe.get("/health", response_model=schemas.Health)
+    def health(request: Request, service: Service):
         """Liveness (always 200): each collection's counts and encoder state, the default model, device, GPU
-        memory on CUDA."""
-        return service.health()
+        memory on CUDA. Once a key is set, a caller without one gets the status only."""
+        health = service.health()
+        if may_see_details(request.scope["headers"], settings.server):
+            return health
+        return JSONResponse({"status": health.status})
 
-    @app.get(
+    @probe.get(
         "/ready",
         response_model=schemas.Readiness,
-        tags=["operations"],
         responses={503: {"model": schemas.Readiness, "description": "not ready: loading, or a model unavailable"}},
     )
-    def ready(service: Service):
+    def ready(request: Request, service: Service):
         """200 once every served collection can be searched and written to; 503 before (with Retry-After while
         its encoders load). With no collection served: once the default model is loaded or known unavailable
-        (said in default_model)."""
+        (said in default_model). Once a key is set, a caller without one gets ready and status only."""
         readiness = service.readiness()
-        if readiness.ready:
-            return readiness
+        status = 200 if readiness.ready else 503
         headers = {"Retry-After": "2"} if readiness.status == "loading" else None
-        return JSONResponse(readiness.model_dump(mode="json"), status_code=503, headers=headers)
+        if may_see_details(request.scope["headers"], settings.server):
+            body = readiness.model_dump(mode="json")
+        else:
+            body = {"ready": readiness.ready, "status": readiness.status}
+        return JSONResponse(body, status_code=status, headers=headers)
 
-    @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
+    @scraped.get("/metrics", response_class=PlainTextResponse)
     def prometheus_metrics() -> Response:
         """Prometheus text format: request latency per route, encode time and texts, index sizes, GPU memory."""
         body, content_type = metrics.render()
         return Response(content=body, media_type=content_type)
 
-    app.include_router(read)
-    app.include_router(write)
+    missing = [route.name for route in app.router.routes if route.name not in access]
+    if missing:
+        raise RuntimeError(f"routes without an entry in the access table: {missing}")
+    _document_bearer(app)
     return app
+
+
+def _document_bearer(app: FastAPI) -> None:
+    """The OpenAPI document names the bearer scheme that the keyed routes' ``security`` refers to."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            components = generate().setdefault("components", {})
+            components.setdefault("securitySchemes", {})[BEARER] = {"type": "http", "scheme": "bearer"}
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def app_from_env() -> FastAPI:

@@ -351,9 +351,13 @@ class Readiness(BaseModel):
     status: EncoderStateName = Field(
         ..., description="ready (200); loading (503 with Retry-After); unavailable (503): a collection's model"
     )
-    collections: dict[str, CollectionState]
+    collections: dict[str, CollectionState] | None = Field(
+        None, description="left out for a caller without a key once keys are set"
+    )
     default_model: DefaultModel | None = Field(
-        None, description="None where collections cannot be created here (a deployment on Ray Serve)"
+        None,
+        description="None where collections cannot be created here (a deployment on Ray Serve); left out for a "
+        "caller without a key once keys are set",
     )
 
     model_config = ConfigDict(
@@ -382,11 +386,12 @@ class Health(BaseModel):
         "'unavailable' when a served collection's model (or, with none served, the default model) could not "
         "be loaded: 'error' says why",
     )
-    model_loaded: bool
-    models: list[str]
-    device: str
-    collections: dict[str, dict[str, Any]] = Field(
-        ..., description="per collection: counts, and its state, writes and reason as GET /ready gives them"
+    # the fields below status are left out for a caller without a key once keys are set
+    model_loaded: bool | None = None
+    models: list[str] | None = None
+    device: str | None = None
+    collections: dict[str, dict[str, Any]] | None = Field(
+        None, description="per collection: counts, and its state, writes and reason as GET /ready gives them"
     )
     default_model: DefaultModel | None = None
     gpu_memory: dict[str, int] | None = Field(None, description="allocated/reserved bytes on CUDA")
