@@ -16,18 +16,22 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from indexer.settings import Settings, load_settings
 from search_api import schemas
 from search_api.auth import Access, BearerKeys, access_summary, may_see_details, needed_keys, open_writes_warning
 from search_api.metrics import Metrics
 from search_api.service import SearchService
+from storage.collection import COLLECTION_NAME
 from storage.errors import (
     ConflictError,
     CorruptCollectionError,
@@ -130,6 +134,14 @@ def get_service(request: Request) -> SearchService:
 
 
 Service = Annotated[SearchService, Depends(get_service)]
+# storage's name rule, stated in the OpenAPI document; the service still answers a name against it with 400 and the rule
+CollectionName = Annotated[
+    str,
+    PathParameter(
+        description="1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+        json_schema_extra={"pattern": COLLECTION_NAME.pattern},
+    ),
+]
 
 
 class BodyLimit:
@@ -247,12 +259,14 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        detail = exc.detail
+        detail, headers = exc.detail, exc.headers
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no endpoint {request.method} {request.url.path}; the API is listed at /docs"
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; the API is listed at /docs"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+            if allowed := _allowed_methods(app.router.routes, request.scope):
+                headers = {**(headers or {}), "Allow": allowed}
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -271,20 +285,25 @@ def create_app(
     write = Routes(app, Access.WRITE, access, settings, responses=ERROR_RESPONSES)
     public = Routes(app, Access.OPEN, access, settings, include_in_schema=False)
     probe = Routes(app, Access.PROBE, access, settings, tags=["operations"])
-    scraped = Routes(app, Access.METRICS, access, settings, tags=["operations"], responses=KEY_RESPONSES)
+    # the refusals are JSON on a text/plain route: named with their media type, where a model would take the route's
+    json_error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    key_refusals = {
+        status: {"description": r["description"], "content": json_error} for status, r in KEY_RESPONSES.items()
+    }
+    scraped = Routes(app, Access.METRICS, access, settings, tags=["operations"], responses=key_refusals)
 
     @read.post("/collections/{collection}/search", response_model=schemas.SearchResponse, tags=["search"])
-    def search(collection: str, body: schemas.SearchRequest, service: Service):
+    def search(collection: CollectionName, body: schemas.SearchRequest, service: Service):
         """Top-k passages (or documents, with group_by) for one query, best first."""
         return service.search(collection, body)
 
     @read.post("/collections/{collection}/search/batch", response_model=schemas.BatchSearchResponse, tags=["search"])
-    def search_batch(collection: str, body: schemas.BatchSearchRequest, service: Service):
+    def search_batch(collection: CollectionName, body: schemas.BatchSearchRequest, service: Service):
         """Several queries encoded in one batch; one response per query, in order."""
         return service.search_batch(collection, body)
 
     @read.post("/collections/{collection}/similar", response_model=schemas.SearchResponse, tags=["search"])
-    def similar(collection: str, body: schemas.SimilarRequest, service: Service):
+    def similar(collection: CollectionName, body: schemas.SimilarRequest, service: Service):
         """More like this: the nearest passages or documents to a stored document (its own vectors) or a text."""
         return service.similar(collection, body)
 
@@ -298,7 +317,7 @@ def create_app(
         response_model=schemas.DocumentOut,
         tags=["documents"],
     )
-    def get_document(collection: str, document_id: str, service: Service):
+    def get_document(collection: CollectionName, document_id: str, service: Service):
         """A stored document with its passages."""
         return service.get(collection, document_id)
 
@@ -308,18 +327,18 @@ def create_app(
         return service.create_collection(body)
 
     @write.delete("/collections/{collection}", response_model=schemas.Deleted, tags=["collections"])
-    def delete_collection(collection: str, service: Service):
+    def delete_collection(collection: CollectionName, service: Service):
         """Delete a collection and its files."""
         service.delete_collection(collection)
         return schemas.Deleted(deleted=collection)
 
     @write.post("/collections/{collection}/documents", response_model=schemas.UpsertResponse, tags=["documents"])
-    def upsert(collection: str, body: schemas.UpsertRequest, service: Service):
+    def upsert(collection: CollectionName, body: schemas.UpsertRequest, service: Service):
         """Insert or replace documents; answers once they are committed and searchable."""
         return service.upsert(collection, body.documents)
 
     @write.post("/collections/{collection}/documents/delete", response_model=schemas.DeleteResponse, tags=["documents"])
-    def delete_documents(collection: str, body: schemas.DeleteRequest, service: Service):
+    def delete_documents(collection: CollectionName, body: schemas.DeleteRequest, service: Service):
         """Delete documents by id and/or metadata filter, in one transaction."""
         return service.delete_many(collection, body)
 
@@ -328,7 +347,7 @@ def create_app(
         response_model=schemas.Deleted,
         tags=["documents"],
     )
-    def delete_document(collection: str, document_id: str, service: Service):
+    def delete_document(collection: CollectionName, document_id: str, service: Service):
         """Delete a document and its passages."""
         service.delete(collection, document_id)
         return schemas.Deleted(deleted=document_id)
@@ -336,7 +355,7 @@ def create_app(
     @write.post(
         "/collections/{collection}/snapshots", response_model=schemas.SnapshotInfo, status_code=201, tags=["snapshots"]
     )
-    def take_snapshot(collection: str, service: Service):
+    def take_snapshot(collection: CollectionName, service: Service):
         """A consistent copy of the collection (SQLite backup API + index checkpoint), taken while serving."""
         return service.take_snapshot(collection)
 
@@ -427,6 +446,18 @@ def create_app(
         raise RuntimeError(f"routes without an entry in the access table: {missing}")
     _document_bearer(app)
     return app
+
+
+def _allowed_methods(routes: list, scope: dict) -> str | None:
+    """``Allow`` of a 405: every method of the path the request names, taken from the most specific route path
+    that matches it (a literal segment before a parameter: /collections/restore, not /collections/{collection}),
+    as the OpenAPI document lists them; Starlette's names the first matching route's methods only. None where no
+    API route matches (the static files)."""
+    matching = [route for route in routes if isinstance(route, APIRoute) and route.matches(scope)[0] is not Match.NONE]
+    if not matching:
+        return None
+    best = min(matching, key=lambda route: (len(route.param_convertors), -len(route.path)))
+    return ", ".join(sorted({method for route in matching if route.path == best.path for method in route.methods}))
 
 
 def _document_bearer(app: FastAPI) -> None:

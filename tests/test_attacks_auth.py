@@ -240,3 +240,27 @@ def test_requests_at_a_normal_pace_are_unaffected_by_the_timeouts(keyed):
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200") and b'"id":"faiss"' in answer, answer
+
+
+def test_allow_headers_and_body_types_follow_the_openapi_document(keyed):
+    """What a schemathesis run with every check found in the API layer, one request each."""
+    spec = httpx.get(f"{keyed.url}/openapi.json").json()
+    for path, allowed in [
+        ("/collections/secret-docs/documents/faiss", "DELETE, GET"),
+        ("/collections/secret-docs/documents/delete", "POST"),
+        ("/collections/restore", "POST"),
+        ("/collections", "GET, POST"),
+    ]:
+        answer = httpx.request("OPTIONS", f"{keyed.url}{path}", headers=READ)
+        assert answer.status_code == 405 and answer.headers["allow"] == allowed, (path, answer.headers)
+    search = f"{keyed.url}/collections/secret-docs/search"
+    for wrong in ({"offset": False}, {"k": "3"}, {"k": 2.5}, {"alpha": True}):
+        refused = httpx.post(search, json={"query": "vectors", **wrong}, headers=READ)
+        assert refused.status_code == 422 and next(iter(wrong)) in refused.json()["detail"], (wrong, refused.text)
+    whole = httpx.post(search, json={"query": "vectors", "k": 1.0}, headers=READ)  # JSON Schema's integer
+    assert whole.status_code == 200 and len(whole.json()["results"]) == 1
+    refusal = spec["paths"]["/metrics"]["get"]["responses"]["401"]["content"]
+    assert list(refusal) == ["application/json"]
+    assert httpx.get(f"{keyed.url}/metrics").headers["content-type"] == "application/json"
+    assert spec["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]
+    assert "security" not in spec["paths"]["/health"]["get"]
