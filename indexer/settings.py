@@ -138,7 +138,23 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = Field(None, description="when set, write endpoints need 'Authorization: Bearer KEY'")
-    read_api_key: str | None = Field(None, description="when set, search and reads need this key (or api_key)")
+    read_api_key: str | None = Field(
+        None, description="when set, search and reads need this key (or api_key); needs api_key set too"
+    )
+    allow_open_writes: bool = Field(
+        False,
+        description="serve writes without a key where that is refused by default: on a non-loopback host, or with "
+        "only read_api_key set",
+    )
+    open_metrics: bool = Field(
+        False, description="GET /metrics answers without a key when keys are set (a scraper on a private network)"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a client has to send a request's headers; then the connection is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a client has to send a request's body after its headers; then closed"
+    )
     max_k: int = Field(1000, ge=1)
     max_query_chars: int = Field(4096, ge=1)
     max_batch_queries: int = Field(256, ge=1)

@@ -8,7 +8,6 @@ event loop never blocks on the model or FAISS.
 
 from __future__ import annotations
 
-import hmac
 import importlib.resources
 import logging
 import time
@@ -16,18 +15,23 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from indexer.settings import Settings, load_settings
 from search_api import schemas
+from search_api.auth import Access, BearerKeys, access_summary, may_see_details, needed_keys, open_writes_warning
 from search_api.metrics import Metrics
 from search_api.service import SearchService
+from storage.collection import COLLECTION_NAME
 from storage.errors import (
     ConflictError,
     CorruptCollectionError,
@@ -64,10 +68,14 @@ STATUS_BY_ERROR: list[tuple[type[StellaSearchError], int]] = [
     (StellaSearchError, 400),
 ]
 
-ERROR_RESPONSES = {
-    400: {"model": schemas.ErrorBody, "description": "bad input; the message says what to change"},
+BEARER = "bearer"  # the OpenAPI security scheme of the keyed routes
+KEY_RESPONSES = {
     401: {"model": schemas.ErrorBody, "description": "missing bearer key"},
     403: {"model": schemas.ErrorBody, "description": "wrong bearer key"},
+}
+ERROR_RESPONSES = {
+    400: {"model": schemas.ErrorBody, "description": "bad input; the message says what to change"},
+    **KEY_RESPONSES,
     404: {"model": schemas.ErrorBody, "description": "unknown collection or document"},
     409: {
         "model": schemas.ErrorBody,
@@ -79,35 +87,46 @@ ERROR_RESPONSES = {
 }
 
 
-class _Unauthorized(Exception):
-    def __init__(self, status: int, detail: str):
-        self.status, self.detail = status, detail
+class Routes:
+    """Declares routes on ``app`` that need ``access`` and records each in ``table`` (route name -> Access), the
+    one table the :class:`BearerKeys` middleware reads; a route that needs a key under ``settings`` says so in the
+    OpenAPI document.
 
+    >>> read = Routes(app, Access.READ, table, settings, responses=ERROR_RESPONSES)
+    >>> @read.get("/collections")
+    ... def list_collections(): ...
+    """
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    def __init__(self, app: FastAPI, access: Access, table: dict[str, Access], settings: Settings, **defaults):
+        self.app, self.access, self.table, self.defaults = app, access, table, defaults
+        self.keyed = bool(needed_keys(access, settings.server))
 
+    def get(self, path: str, **options):
+        return self._route("GET", path, options)
 
-def _check_key(request: Request, accepted: list[str]) -> None:
-    token = _bearer(request)
-    if token is None:
-        raise _Unauthorized(401, "this endpoint needs 'Authorization: Bearer <key>'")
-    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in accepted):
-        raise _Unauthorized(403, "the bearer key is not valid for this endpoint")
+    def post(self, path: str, **options):
+        return self._route("POST", path, options)
 
+    def delete(self, path: str, **options):
+        return self._route("DELETE", path, options)
 
-def require_write(request: Request) -> None:
-    key = request.app.state.settings.server.api_key
-    if key:
-        _check_key(request, [key])
+    def _route(self, method: str, path: str, options: dict):
+        options = {
+            **self.defaults,
+            **options,
+            "responses": {**self.defaults.get("responses", {}), **options.get("responses", {})},
+        }
+        if self.keyed:
+            options["openapi_extra"] = {"security": [{BEARER: []}]}
 
+        def declare(endpoint):
+            name = options.get("name", endpoint.__name__)
+            if name in self.table:
+                raise ValueError(f"two routes are named {name!r}: the access table needs unique names")
+            self.table[name] = self.access
+            return self.app.api_route(path, methods=[method], **options)(endpoint)
 
-def require_read(request: Request) -> None:
-    server = request.app.state.settings.server
-    if server.read_api_key:
-        _check_key(request, [k for k in (server.read_api_key, server.api_key) if k])
+        return declare
 
 
 def get_service(request: Request) -> SearchService:
@@ -115,6 +134,14 @@ def get_service(request: Request) -> SearchService:
 
 
 Service = Annotated[SearchService, Depends(get_service)]
+# storage's name rule, stated in the OpenAPI document; the service still answers a name against it with 400 and the rule
+CollectionName = Annotated[
+    str,
+    PathParameter(
+        description="1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+        json_schema_extra={"pattern": COLLECTION_NAME.pattern},
+    ),
+]
 
 
 class BodyLimit:
@@ -181,6 +208,10 @@ def create_app(
     endpoints: the single-machine :class:`SearchService`, or the Ray Serve one of ``search_api.cluster``.
     """
     settings = settings or load_settings()
+    warning = open_writes_warning(settings.server)  # raises where writes would be open by accident
+    log.info(access_summary(settings.server))
+    if warning:
+        log.warning(warning)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -207,6 +238,9 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, limit=settings.server.max_body_bytes)
+    access: dict[str, Access] = {"openapi": Access.OPEN, "docs-assets": Access.OPEN}
+    # outside BodyLimit: the key is checked before the body is read; inside CORS: refusals carry its headers
+    app.add_middleware(BearerKeys, router=app.router, access=access, server=settings.server)
     if settings.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -223,19 +257,16 @@ def create_app(
         headers = {"Retry-After": "2"} if isinstance(exc, (ModelLoadingError, ShardUnavailableError)) else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
-    @app.exception_handler(_Unauthorized)
-    async def unauthorized(request: Request, exc: _Unauthorized):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        detail = exc.detail
+        detail, headers = exc.detail, exc.headers
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no endpoint {request.method} {request.url.path}; the API is listed at /docs"
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; the API is listed at /docs"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+            if allowed := _allowed_methods(app.router.routes, request.scope):
+                headers = {**(headers or {}), "Allow": allowed}
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -250,21 +281,29 @@ def create_app(
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
 
-    read = APIRouter(dependencies=[Depends(require_read)], responses=ERROR_RESPONSES)
-    write = APIRouter(dependencies=[Depends(require_write)], responses=ERROR_RESPONSES)
+    read = Routes(app, Access.READ, access, settings, responses=ERROR_RESPONSES)
+    write = Routes(app, Access.WRITE, access, settings, responses=ERROR_RESPONSES)
+    public = Routes(app, Access.OPEN, access, settings, include_in_schema=False)
+    probe = Routes(app, Access.PROBE, access, settings, tags=["operations"])
+    # the refusals are JSON on a text/plain route: named with their media type, where a model would take the route's
+    json_error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    key_refusals = {
+        status: {"description": r["description"], "content": json_error} for status, r in KEY_RESPONSES.items()
+    }
+    scraped = Routes(app, Access.METRICS, access, settings, tags=["operations"], responses=key_refusals)
 
     @read.post("/collections/{collection}/search", response_model=schemas.SearchResponse, tags=["search"])
-    def search(collection: str, body: schemas.SearchRequest, service: Service):
+    def search(collection: CollectionName, body: schemas.SearchRequest, service: Service):
         """Top-k passages (or documents, with group_by) for one query, best first."""
         return service.search(collection, body)
 
     @read.post("/collections/{collection}/search/batch", response_model=schemas.BatchSearchResponse, tags=["search"])
-    def search_batch(collection: str, body: schemas.BatchSearchRequest, service: Service):
+    def search_batch(collection: CollectionName, body: schemas.BatchSearchRequest, service: Service):
         """Several queries encoded in one batch; one response per query, in order."""
         return service.search_batch(collection, body)
 
     @read.post("/collections/{collection}/similar", response_model=schemas.SearchResponse, tags=["search"])
-    def similar(collection: str, body: schemas.SimilarRequest, service: Service):
+    def similar(collection: CollectionName, body: schemas.SimilarRequest, service: Service):
         """More like this: the nearest passages or documents to a stored document (its own vectors) or a text."""
         return service.similar(collection, body)
 
@@ -278,7 +317,7 @@ def create_app(
         response_model=schemas.DocumentOut,
         tags=["documents"],
     )
-    def get_document(collection: str, document_id: str, service: Service):
+    def get_document(collection: CollectionName, document_id: str, service: Service):
         """A stored document with its passages."""
         return service.get(collection, document_id)
 
@@ -288,18 +327,18 @@ def create_app(
         return service.create_collection(body)
 
     @write.delete("/collections/{collection}", response_model=schemas.Deleted, tags=["collections"])
-    def delete_collection(collection: str, service: Service):
+    def delete_collection(collection: CollectionName, service: Service):
         """Delete a collection and its files."""
         service.delete_collection(collection)
         return schemas.Deleted(deleted=collection)
 
     @write.post("/collections/{collection}/documents", response_model=schemas.UpsertResponse, tags=["documents"])
-    def upsert(collection: str, body: schemas.UpsertRequest, service: Service):
+    def upsert(collection: CollectionName, body: schemas.UpsertRequest, service: Service):
         """Insert or replace documents; answers once they are committed and searchable."""
         return service.upsert(collection, body.documents)
 
     @write.post("/collections/{collection}/documents/delete", response_model=schemas.DeleteResponse, tags=["documents"])
-    def delete_documents(collection: str, body: schemas.DeleteRequest, service: Service):
+    def delete_documents(collection: CollectionName, body: schemas.DeleteRequest, service: Service):
         """Delete documents by id and/or metadata filter, in one transaction."""
         return service.delete_many(collection, body)
 
@@ -308,7 +347,7 @@ def create_app(
         response_model=schemas.Deleted,
         tags=["documents"],
     )
-    def delete_document(collection: str, document_id: str, service: Service):
+    def delete_document(collection: CollectionName, document_id: str, service: Service):
         """Delete a document and its passages."""
         service.delete(collection, document_id)
         return schemas.Deleted(deleted=document_id)
@@ -316,7 +355,7 @@ def create_app(
     @write.post(
         "/collections/{collection}/snapshots", response_model=schemas.SnapshotInfo, status_code=201, tags=["snapshots"]
     )
-    def take_snapshot(collection: str, service: Service):
+    def take_snapshot(collection: CollectionName, service: Service):
         """A consistent copy of the collection (SQLite backup API + index checkpoint), taken while serving."""
         return service.take_snapshot(collection)
 
@@ -336,7 +375,7 @@ def create_app(
         """Verify a snapshot and serve it as a new collection."""
         return service.restore(body)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @public.get("/", response_class=HTMLResponse)
     def search_page() -> HTMLResponse:
         """The search page: plain HTML and JavaScript, no external assets."""
         return HTMLResponse(
@@ -345,7 +384,7 @@ def create_app(
 
     app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
 
-    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    @public.get("/docs", response_class=HTMLResponse)
     def swagger_ui(request: Request) -> HTMLResponse:
         """Swagger UI over /openapi.json, every asset from this server."""
         root = request.scope.get("root_path", "")
@@ -361,7 +400,7 @@ def create_app(
         page.headers["Content-Security-Policy"] = SAME_ORIGIN_ONLY
         return page
 
-    @app.get("/redoc", response_class=HTMLResponse, include_in_schema=False)
+    @public.get("/redoc", response_class=HTMLResponse)
     def redoc(request: Request) -> HTMLResponse:
         """ReDoc over /openapi.json, every asset from this server (no web fonts)."""
         root = request.scope.get("root_path", "")
@@ -375,37 +414,69 @@ def create_app(
         page.headers["Content-Security-Policy"] = SAME_ORIGIN_ONLY
         return page
 
-    @app.get("/health", response_model=schemas.Health, tags=["operations"])
-    def health(service: Service):
+    @probe.get("/health", response_model=schemas.Health)
+    def health(request: Request, service: Service):
         """Liveness (always 200): each collection's counts and encoder state, the default model, device, GPU
-        memory on CUDA."""
-        return service.health()
+        memory on CUDA. Once a key is set, a caller without one gets the status only."""
+        health = service.health()
+        if may_see_details(request.scope["headers"], settings.server):
+            return health
+        return JSONResponse({"status": health.status})
 
-    @app.get(
+    @probe.get(
         "/ready",
         response_model=schemas.Readiness,
-        tags=["operations"],
         responses={503: {"model": schemas.Readiness, "description": "not ready: loading, or a model unavailable"}},
     )
-    def ready(service: Service):
+    def ready(request: Request, service: Service):
         """200 once every served collection can be searched and written to; 503 before (with Retry-After while
         its encoders load). With no collection served: once the default model is loaded or known unavailable
-        (said in default_model)."""
+        (said in default_model). Once a key is set, a caller without one gets ready and status only."""
         readiness = service.readiness()
-        if readiness.ready:
-            return readiness
+        status = 200 if readiness.ready else 503
         headers = {"Retry-After": "2"} if readiness.status == "loading" else None
-        return JSONResponse(readiness.model_dump(mode="json"), status_code=503, headers=headers)
+        if may_see_details(request.scope["headers"], settings.server):
+            body = readiness.model_dump(mode="json")
+        else:
+            body = {"ready": readiness.ready, "status": readiness.status}
+        return JSONResponse(body, status_code=status, headers=headers)
 
-    @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
+    @scraped.get("/metrics", response_class=PlainTextResponse)
     def prometheus_metrics() -> Response:
         """Prometheus text format: request latency per route, encode time and texts, index sizes, GPU memory."""
         body, content_type = metrics.render()
         return Response(content=body, media_type=content_type)
 
-    app.include_router(read)
-    app.include_router(write)
+    missing = [route.name for route in app.router.routes if route.name not in access]
+    if missing:
+        raise RuntimeError(f"routes without an entry in the access table: {missing}")
+    _document_bearer(app)
     return app
+
+
+def _allowed_methods(routes: list, scope: dict) -> str | None:
+    """``Allow`` of a 405: every method of the path the request names, taken from the most specific route path
+    that matches it (a literal segment before a parameter: /collections/restore, not /collections/{collection}),
+    as the OpenAPI document lists them; Starlette's names the first matching route's methods only. None where no
+    API route matches (the static files)."""
+    matching = [route for route in routes if isinstance(route, APIRoute) and route.matches(scope)[0] is not Match.NONE]
+    if not matching:
+        return None
+    best = min(matching, key=lambda route: (len(route.param_convertors), -len(route.path)))
+    return ", ".join(sorted({method for route in matching if route.path == best.path for method in route.methods}))
+
+
+def _document_bearer(app: FastAPI) -> None:
+    """The OpenAPI document names the bearer scheme that the keyed routes' ``security`` refers to."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            components = generate().setdefault("components", {})
+            components.setdefault("securitySchemes", {})[BEARER] = {"type": "http", "scheme": "bearer"}
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def app_from_env() -> FastAPI:

@@ -644,13 +644,16 @@ def serve(data_dir, config, host, port, model, device, backend, ray_address, sha
     import uvicorn
 
     from search_api.app import create_app
+    from search_api.timeouts import uvicorn_options
 
     app = create_app(settings)
     click.echo(
         f"serving {settings.data_dir} on http://{settings.server.host}:{settings.server.port} (docs at /docs)",
         err=True,
     )
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="info")
+    uvicorn.run(
+        app, host=settings.server.host, port=settings.server.port, log_level="info", **uvicorn_options(settings.server)
+    )
 
 
 if __name__ == "__main__":

@@ -454,6 +454,10 @@ def serve_on_ray(
     blocking: bool = True,
 ) -> str:
     """Deploy the collections under ``settings.data_dir`` on the Ray cluster at ``address``; returns the URL."""
+    from search_api.auth import open_writes_warning
+
+    if warning := open_writes_warning(settings.server):  # refuses here, before anything is deployed
+        log.warning(warning)
     connect(address)
     from ray import serve
 

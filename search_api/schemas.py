@@ -5,9 +5,9 @@ Every schema carries an example, shown in the OpenAPI document at ``/docs``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION
 
@@ -21,12 +21,21 @@ _EXAMPLE_HIT = {
 }
 
 
+def _integral_float_to_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON Schema's integer: 2 and 2.0, never 2.5, true or "2" (strict mode refuses the float alone)
+WholeNumber = Annotated[int, BeforeValidator(_integral_float_to_int)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: true is no number and 10 no string, as the OpenAPI document says
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class SearchOptionsIn(_Strict):
-    k: int = Field(10, ge=1, description="how many results, 1..server.max_k (1000 by default)")
+    k: WholeNumber = Field(10, ge=1, description="how many results, 1..server.max_k (1000 by default)")
     mode: Literal["dense", "lexical", "hybrid"] = Field("dense", description="vectors, BM25, or both fused")
     filter: dict[str, Any] | None = Field(
         None, description="metadata filter: $eq $ne $in $nin $gt $gte $lt $lte $exists $and $or"
@@ -38,8 +47,10 @@ class SearchOptionsIn(_Strict):
     group_by: Literal["passage", "document"] = Field(
         "passage", description="'document' returns each document once, by its best passage"
     )
-    passages_per_document: int = Field(1, ge=1, le=20, description="with group_by=document: passages per document")
-    offset: int = Field(0, ge=0, le=10_000, description="results to skip, for paging")
+    passages_per_document: WholeNumber = Field(
+        1, ge=1, le=20, description="with group_by=document: passages per document"
+    )
+    offset: WholeNumber = Field(0, ge=0, le=10_000, description="results to skip, for paging")
 
 
 class SearchRequest(SearchOptionsIn):
@@ -300,9 +311,14 @@ class RestoreRequest(_Strict):
 class CollectionCreate(_Strict):
     name: str = Field(..., description="1-64 letters, digits, '_', '.', '-'")
     model: str | None = Field(None, description="stella-1.5b, stella-400m, minilm or a model folder on the server")
-    dim: int | None = Field(None, ge=1, description="MRL dimension; default: the model's default head")
+    # the bound before the validator: after it, pydantic writes 'ge' instead of 'minimum' into a union's schema
+    dim: Annotated[int, Field(ge=1), BeforeValidator(_integral_float_to_int)] | None = Field(
+        None, description="MRL dimension; default: the model's default head"
+    )
     prompt_type: Literal["s2p", "s2s"] = "s2p"
-    shards: int = Field(1, ge=1, le=256, description="shards, placed by a hash of document id; fixed at creation")
+    shards: WholeNumber = Field(
+        1, ge=1, le=256, description="shards, placed by a hash of document id; fixed at creation"
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -368,9 +384,13 @@ class Readiness(BaseModel):
     status: EncoderStateName = Field(
         ..., description="ready (200); loading (503 with Retry-After); unavailable (503): a collection's model"
     )
-    collections: dict[str, CollectionState]
+    collections: dict[str, CollectionState] | None = Field(
+        None, description="left out for a caller without a key once keys are set"
+    )
     default_model: DefaultModel | None = Field(
-        None, description="None where collections cannot be created here (a deployment on Ray Serve)"
+        None,
+        description="None where collections cannot be created here (a deployment on Ray Serve); left out for a "
+        "caller without a key once keys are set",
     )
 
     model_config = ConfigDict(
@@ -399,11 +419,12 @@ class Health(BaseModel):
         "'unavailable' when a served collection's model (or, with none served, the default model) could not "
         "be loaded: 'error' says why",
     )
-    model_loaded: bool
-    models: list[str]
-    device: str
-    collections: dict[str, dict[str, Any]] = Field(
-        ..., description="per collection: counts, and its state, writes and reason as GET /ready gives them"
+    # the fields below status are left out for a caller without a key once keys are set
+    model_loaded: bool | None = None
+    models: list[str] | None = None
+    device: str | None = None
+    collections: dict[str, dict[str, Any]] | None = Field(
+        None, description="per collection: counts, and its state, writes and reason as GET /ready gives them"
     )
     default_model: DefaultModel | None = None
     gpu_memory: dict[str, int] | None = Field(None, description="allocated/reserved bytes on CUDA")

@@ -9,6 +9,7 @@ import time
 import uvicorn
 
 from search_api.app import create_app
+from search_api.timeouts import uvicorn_options
 
 
 def free_port() -> int:
@@ -21,7 +22,14 @@ class RunningServer:
     def __init__(self, settings, load_in_background: bool = False):
         self.app = create_app(settings, load_in_background=load_in_background)
         self.port = free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            **uvicorn_options(settings.server),
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -361,7 +361,7 @@ def test_cli_search_through_http(server):
 def test_cli_errors_through_http_are_one_line_and_the_key_comes_from_the_environment(data_dir):
     runner = CliRunner()
     search = ["search", "fictional airline", "-k", "1", "--json"]
-    with RunningServer(server_settings(data_dir, read_api_key="r")) as running:
+    with RunningServer(server_settings(data_dir, api_key="w", read_api_key="r")) as running:
         # STELLA_SEARCH_API_KEY is the client's key, not a setting: it must not break loading the settings
         allowed = runner.invoke(main, [*search, "--url", running.url], env={"STELLA_SEARCH_API_KEY": "r"})
         assert allowed.exit_code == 0, allowed.output
