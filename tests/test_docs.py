@@ -466,20 +466,18 @@ def test_the_settings_page_lists_every_setting_with_its_default():
 
 
 def test_the_http_page_lists_every_route():
-    from fastapi.routing import APIRoute
-
     from indexer.settings import load_settings
     from search_api.app import create_app
 
-    app = create_app(load_settings(environ={}))
+    paths = create_app(load_settings(environ={})).openapi()["paths"]
     page = (ROOT / "docs" / "http-api.md").read_text(encoding="utf-8")
     routes = {
-        f"{method} {route.path.replace(':path', '').replace('{collection}', '{c}').replace('{document_id}', '{id}')}"
-        for route in app.routes
-        if isinstance(route, APIRoute)
-        for method in route.methods
+        f"{method.upper()} {path.replace('{collection}', '{c}').replace('{document_id}', '{id}')}"
+        for path, operations in paths.items()
+        for method in operations
     }
-    routes |= {"GET /", "GET /docs", "GET /redoc", "GET /openapi.json"}
+    assert len(routes) > 10, routes  # the read and write routers are in the schema too
+    routes |= {"GET /", "GET /docs", "GET /redoc", "GET /openapi.json"}  # pages outside the schema
     missing = sorted(route for route in routes if f"`{route}`" not in page)
     assert not missing, f"routes missing from docs/http-api.md: {missing}"
 
