@@ -21,7 +21,7 @@ from storage.collection import Collection, Hit
 from storage.errors import InvalidInputError
 
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion
-# Measured on msmarco and dbpedia (README, Quality): min-max beats RRF on both; alpha 0.8 is best on msmarco and
+# Measured on msmarco and dbpedia (docs/quality.md): min-max beats RRF on both; alpha 0.8 is best on msmarco and
 # within 0.01 of the best on dbpedia, while keeping enough lexical weight to gain on scifact.
 DEFAULT_FUSION = "minmax"
 DEFAULT_ALPHA = 0.8

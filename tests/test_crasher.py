@@ -1,5 +1,5 @@
 """The short crasher run: SIGKILL the server mid-write three times; no acknowledged write may be lost.
-The full run (30+ kills) is `python scripts/crasher.py`, with its figures in the README."""
+The full run (30+ kills) is `python scripts/crasher.py`, with its figures in docs/operations.md."""
 
 import json
 import subprocess
