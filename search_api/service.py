@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 WRITE_WAIT_S = 60.0
 MODEL_PROFILES = ("stella-1.5b", "stella-400m", "minilm")
-SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch
 CHECKPOINT_AFTER_PASSAGES = 10_000  # FAISS file rewrite cadence for API writes; SQLite already holds every vector
 
 
@@ -398,7 +398,7 @@ class SearchService:
         return out
 
     def restore(self, request: schemas.RestoreRequest) -> schemas.CollectionInfo:
-        if not SNAPSHOT_NAME.match(request.snapshot):
+        if not SNAPSHOT_NAME.fullmatch(request.snapshot):
             raise InvalidInputError(f"invalid snapshot name {request.snapshot!r}; GET /snapshots lists them")
         source = snapshot_dir(self.settings) / request.snapshot
         if not source.is_dir():

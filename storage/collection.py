@@ -121,12 +121,13 @@ def content_hash(title: str | None, text: str) -> str:
     return hashlib.sha256(f"{title or ''}\x1f{text}".encode()).hexdigest()
 
 
-COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# full matches only: with re.match a trailing "\n" would pass "$" and name a second folder
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def collection_dir(data_dir: Path | str, name: str) -> Path:
     """Where collection ``name`` lives under ``data_dir``; the name must be a safe directory name."""
-    if not COLLECTION_NAME.match(name or ""):
+    if not COLLECTION_NAME.fullmatch(name or ""):
         raise InvalidInputError(
             f"invalid collection name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
             "letter or digit"
@@ -145,7 +146,7 @@ def list_collections(data_dir: Path | str) -> list[str]:
     root = Path(data_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if COLLECTION_NAME.match(p.name) and is_collection(p))
+    return sorted(p.name for p in root.iterdir() if COLLECTION_NAME.fullmatch(p.name) and is_collection(p))
 
 
 def _metadata_json(metadata: dict) -> str:
@@ -761,7 +762,7 @@ class Collection:
 
         The index is kept in step with every write by SQLite triggers, whichever process writes.
         """
-        if not KEY.match(field_name):
+        if not KEY.fullmatch(field_name):
             raise InvalidInputError(f"invalid metadata field name {field_name!r}: use letters, digits, '_' and '-'")
         with self.writing():
             db = self._db

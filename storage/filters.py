@@ -16,7 +16,7 @@ from typing import Any
 
 from storage.errors import InvalidInputError
 
-KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # used with fullmatch
 MAX_DEPTH = 8
 MAX_CLAUSES = 128
 MAX_LIST = 1000
@@ -59,7 +59,7 @@ class _Compiler:
         return " AND ".join(parts) if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
 
     def field(self, key: str, condition: Any, depth: int) -> str:
-        if not KEY.match(key):
+        if not KEY.fullmatch(key):
             raise InvalidInputError(
                 f"invalid metadata field name {key!r} in filter: use letters, digits, '_' and '-' (at most 64)"
             )
