@@ -39,6 +39,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from indexer.onnx_backend import INT8_KEEP_FP32
 from storage.errors import InvalidInputError
+from storage.inputs import DEFAULT_METADATA_BYTES, DEFAULT_METADATA_DEPTH, READABLE_METADATA_DEPTH, MetadataLimits
 
 ENV_PREFIX = "STELLA_SEARCH_"
 # The CLI's ``--api-key`` for ``--url`` (the key a client sends), not a setting: the server's is SERVER__API_KEY.
@@ -132,6 +133,23 @@ class EmbeddingSettings(_Section):
 class IngestSettings(_Section):
     chunk_overlap: int = Field(32, ge=0, description="tokens shared by consecutive passages of one document")
     commit_documents: int = Field(1024, ge=1, description="documents encoded and committed per transaction")
+    max_metadata_depth: int = Field(
+        DEFAULT_METADATA_DEPTH,
+        ge=1,
+        le=READABLE_METADATA_DEPTH,
+        description="a document's metadata may nest this many objects and lists deep; deeper is refused, by the "
+        "API (400) and by file ingest (naming the file and line). Responses cannot carry much deeper values.",
+    )
+    max_metadata_bytes: int = Field(
+        DEFAULT_METADATA_BYTES,
+        ge=64,
+        description="a document's metadata may take this many bytes as JSON; larger is refused, by the API (400) "
+        "and by file ingest. Every search hit carries its document's metadata, so this bounds a hit's size.",
+    )
+
+    def metadata_limits(self) -> MetadataLimits:
+        """The limits new documents' metadata is checked against (storage.collection.metadata_to_json)."""
+        return MetadataLimits(depth=self.max_metadata_depth, bytes=self.max_metadata_bytes)
 
 
 class ServerSettings(_Section):

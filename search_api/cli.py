@@ -365,13 +365,13 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
         with collection:
             if collection.count_documents() == 0:
                 log.info("collection %s is empty: ingesting %s", collection.name, dataset.corpus)
-                sources = check_sources([dataset.corpus])
+                limits = settings.ingest.metadata_limits()
+                sources = check_sources([dataset.corpus], limits=limits)
                 if sources.skipped:
                     log.info("%d records with neither title nor text skipped", sources.skipped)
                 with collection.writing():
-                    ingest_documents(
-                        collection, encoder, read_documents(dataset.corpus), settings, total=sources.documents
-                    )
+                    documents = read_documents(dataset.corpus, limits)
+                    ingest_documents(collection, encoder, documents, settings, total=sources.documents)
             retriever = Retriever(collection, encoder)
 
             def search_fn(queries, k):
@@ -421,15 +421,13 @@ def delete(data_dir, collection, config, ids, filter_json, wait):
     """Delete documents by id and/or metadata filter, in one transaction (per shard)."""
     from storage.collection import collection_dir
     from storage.errors import InvalidInputError
+    from storage.inputs import lone_surrogate
     from storage.sharding import open_collection
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
-    where = None
-    if filter_json:
-        try:
-            where = json.loads(filter_json)
-        except ValueError as exc:
-            raise InvalidInputError(f"--filter is not JSON: {exc}") from None
+    where = _filter(filter_json or None)
+    if problem := lone_surrogate(list(ids), "--id"):  # bytes that are not UTF-8 on the command line
+        raise InvalidInputError(f"{problem}; give ids as UTF-8")
     if not ids and where is None:
         raise InvalidInputError("name the documents to delete with --id and/or --filter")
     with open_collection(collection_dir(settings.data_dir, settings.collection)) as opened:

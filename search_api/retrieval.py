@@ -19,6 +19,7 @@ from indexer.encoder import Encoder
 from indexer.settings import ServerSettings
 from storage.collection import Collection, Hit
 from storage.errors import InvalidInputError
+from storage.inputs import lone_surrogate
 
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion
 # Measured on msmarco and dbpedia (README, Quality): min-max beats RRF on both; alpha 0.8 is best on msmarco and
@@ -60,6 +61,8 @@ def check_query(query: str, limits: ServerSettings) -> None:
     """
     if not query.strip():
         raise InvalidInputError("query is empty; send some text to search for")
+    if problem := lone_surrogate(query, "query"):
+        raise InvalidInputError(f"{problem}; send valid Unicode")
     if len(query) > limits.max_query_chars:
         raise InvalidInputError(f"query has {len(query)} characters; the limit is {limits.max_query_chars}")
 

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION
+from storage.inputs import lone_surrogate
+
+# the error type of a string that is not valid Unicode: the HTTP layer answers it with 400, not 422
+INVALID_UNICODE = "invalid_unicode"
 
 _EXAMPLE_HIT = {
     "id": "<dbpedia:Oceanic_Airlines>",
@@ -22,7 +27,17 @@ _EXAMPLE_HIT = {
 
 
 class _Strict(BaseModel):
+    """A request body: unknown fields are refused, and so is any string in it, at any depth (ids, texts, queries,
+    names, metadata and filter keys and values), that is not valid Unicode."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _valid_unicode(self):
+        for name in type(self).model_fields:  # nested bodies (an upsert's documents) run their own check
+            if problem := lone_surrogate(getattr(self, name), name):
+                raise PydanticCustomError(INVALID_UNICODE, "{problem}; send valid Unicode", {"problem": problem})
+        return self
 
 
 class SearchOptionsIn(_Strict):

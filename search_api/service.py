@@ -520,10 +520,11 @@ class SearchService:
             repeated = sorted({i for i in ids if ids.count(i) > 1})
             raise InvalidInputError(f"document ids must be unique within a request; repeated: {repeated[:5]}")
         max_chars = self.settings.server.max_document_chars
+        limits = self.settings.ingest.metadata_limits()
         for doc in documents:
             if not doc.text.strip() and not (doc.title or "").strip():
                 raise InvalidInputError(f"document {doc.id!r} has empty text and no title: give it either")
-            metadata_to_json(doc.id, doc.metadata)
+            metadata_to_json(doc.id, doc.metadata, limits)
             if len(doc.text) > max_chars:
                 raise PayloadTooLargeError(
                     f"document {doc.id!r} has {len(doc.text)} characters; the limit is {max_chars} "

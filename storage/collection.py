@@ -45,6 +45,7 @@ from storage.errors import (
     NotFoundError,
 )
 from storage.filters import KEY, compile_filter
+from storage.inputs import READABLE_METADATA_DEPTH, MetadataLimits, json_depth, lone_surrogate
 from storage.locking import ReadWriteLock, WriterLock
 from storage.vector_index import (
     AUTO,
@@ -153,8 +154,16 @@ def _metadata_json(metadata: dict) -> str:
     return json.dumps(metadata, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
-def metadata_to_json(document_id: str, metadata) -> str:
-    """The stored form of a document's metadata, or an InvalidInputError saying what is wrong with it."""
+# keys of the object returned in place of stored metadata too deep to return; '$' keys cannot be user metadata
+UNREADABLE_METADATA = "$unreadable"
+STORED_METADATA_JSON = "$stored_json"
+
+
+def metadata_to_json(document_id: str, metadata, limits: MetadataLimits | None = None) -> str:
+    """The stored form of a document's metadata, or an InvalidInputError saying what is wrong with it.
+
+    ``limits`` are checked for new documents (the API, file ingest); copies of stored rows pass None.
+    """
     where = f"document {document_id!r}"
     if not isinstance(metadata, dict):
         raise InvalidInputError(f"{where}: metadata must be an object, not {type(metadata).__name__}")
@@ -164,10 +173,52 @@ def metadata_to_json(document_id: str, metadata) -> str:
                 f"{where}: metadata key {key!r} is not allowed: keys must be non-empty strings not starting "
                 "with '$' (reserved for filter operators)"
             )
+    if limits is not None and (depth := json_depth(metadata)) > limits.depth:
+        raise InvalidInputError(
+            f"{where}: metadata is nested {depth} levels deep (objects and lists); the limit is {limits.depth} "
+            "(ingest.max_metadata_depth): flatten it"
+        )
+    if problem := lone_surrogate(metadata, "metadata"):
+        raise InvalidInputError(f"{where}: {problem}; send valid Unicode")
     try:
-        return _metadata_json(metadata)
+        stored = _metadata_json(metadata)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{where}: metadata must be plain JSON without NaN or Infinity ({exc})") from None
+    except RecursionError:
+        raise InvalidInputError(f"{where}: metadata is nested too deeply to store; flatten it") from None
+    if limits is not None and (size := len(stored.encode())) > limits.bytes:
+        raise InvalidInputError(
+            f"{where}: metadata is {size} bytes as JSON; the limit is {limits.bytes} (ingest.max_metadata_bytes): "
+            "keep large values in the document's text or elsewhere"
+        )
+    return stored
+
+
+def stored_metadata(stored: str) -> dict:
+    """A stored metadata column as returned by reads. Metadata nested deeper than READABLE_METADATA_DEPTH (written
+    before writes were limited) comes back as ``{"$unreadable": why, "$stored_json": its JSON text}``, so that no
+    stored document can make a read or a search fail.
+
+    >>> stored_metadata('{"year": 2017}')
+    {'year': 2017}
+    """
+    try:
+        metadata = json.loads(stored)
+    except RecursionError:  # deeper than the JSON decoder goes
+        depth = None
+    else:
+        if stored.count("{") + stored.count("[") <= READABLE_METADATA_DEPTH:  # the usual case, without a walk
+            return metadata
+        depth = json_depth(metadata)
+        if depth <= READABLE_METADATA_DEPTH:
+            return metadata
+    levels = f"{depth} levels" if depth is not None else "too"
+    return {
+        UNREADABLE_METADATA: f"this metadata is nested {levels} deep, over the {READABLE_METADATA_DEPTH} a response "
+        f"carries; it is kept as stored, as JSON text in {STORED_METADATA_JSON!r}: upsert the document with "
+        "flatter metadata",
+        STORED_METADATA_JSON: stored,
+    }
 
 
 def _json_dict(value) -> dict:
@@ -728,7 +779,7 @@ class Collection:
                     "document_id = ?", [document_id], order_by="ordinal", select='ordinal, text, start, "end"'
                 )
             ]
-        return Document(row["id"], row["title"], row["text"], json.loads(row["metadata"])), passages
+        return Document(row["id"], row["title"], row["text"], stored_metadata(row["metadata"])), passages
 
     def _migrate(self) -> None:
         """Bring an older collection up to SCHEMA_VERSION (v1 -> v2: build the FTS5 index from its passages)."""
@@ -923,7 +974,7 @@ class Collection:
             start=row["start"],
             end=row["end"],
             title=row["title"],
-            metadata=json.loads(row["metadata"]),
+            metadata=stored_metadata(row["metadata"]),
         )
 
     def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
