@@ -40,6 +40,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from indexer.onnx_backend import INT8_KEEP_FP32
 from storage.errors import InvalidInputError
 from storage.inputs import DEFAULT_METADATA_BYTES, DEFAULT_METADATA_DEPTH, READABLE_METADATA_DEPTH, MetadataLimits
+from storage.sharding import MAX_SHARDS
 
 ENV_PREFIX = "STELLA_SEARCH_"
 # The CLI's ``--api-key`` for ``--url`` (the key a client sends), not a setting: the server's is SERVER__API_KEY.
@@ -172,6 +173,13 @@ class ServerSettings(_Section):
     microbatch_window_ms: float = Field(
         0.0, ge=0.0, le=100.0, description="extra wait for more queries; 0 takes only what is already queued"
     )
+    max_shards: int = Field(
+        64,
+        ge=1,
+        le=MAX_SHARDS,
+        description="most shards a new collection may have (POST /collections, the CLI's --shards); every shard "
+        "keeps a SQLite connection (3 file descriptors) and a FAISS index open, and every search asks them all",
+    )
 
 
 class RaySettings(_Section):
@@ -197,6 +205,18 @@ class Settings(_Section):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+
+
+def check_shards(shards: int, server: ServerSettings) -> None:
+    """Refuse more shards than ``server.max_shards``: the same rule for POST /collections and the CLI.
+
+    >>> check_shards(16, ServerSettings())
+    """
+    if shards > server.max_shards:
+        raise InvalidInputError(
+            f"{shards} shards; the limit is {server.max_shards} (server.max_shards): every shard holds open files "
+            "and is asked by every search"
+        )
 
 
 def snapshot_dir(settings: Settings) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import httpx
 
-from indexer.settings import CLIENT_KEY_VARIABLE, Settings, load_settings
+from indexer.settings import CLIENT_KEY_VARIABLE, Settings, check_shards, load_settings
 from search_api.client import SearchAPIError
 from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION, check_k, check_query
 from storage.errors import StellaSearchError
@@ -180,6 +180,8 @@ def main(verbose: bool) -> None:
 def ingest(paths, config, wait, shards, ray_address, workers, strict, as_json, **flags):
     """Split, encode and index documents from JSONL (BEIR), CSV, .txt/.md files or folders."""
     settings = _settings(config, **flags)
+    if shards is not None:
+        check_shards(shards, settings.server)  # the limit a server with these settings applies
     arguments = dict(model=flags["model"], dim=flags["dim"], wait=wait, shards=shards, strict=strict)
     if ray_address:
         from indexer.distributed import ingest_paths_on_ray
@@ -494,6 +496,7 @@ def reshard_command(data_dir, collection, config, shards, target):
     from storage.sharding import open_collection, reshard
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
+    check_shards(shards, settings.server)
     with open_collection(collection_dir(settings.data_dir, settings.collection)) as source:
         with reshard(source, collection_dir(settings.data_dir, target), shards) as copy:
             click.echo(

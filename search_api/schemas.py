@@ -300,7 +300,9 @@ class CollectionCreate(_Strict):
     model: str | None = Field(None, description="stella-1.5b, stella-400m, minilm or a model folder on the server")
     dim: int | None = Field(None, ge=1, description="MRL dimension; default: the model's default head")
     prompt_type: Literal["s2p", "s2s"] = "s2p"
-    shards: int = Field(1, ge=1, le=256, description="shards, placed by a hash of document id; fixed at creation")
+    shards: int = Field(
+        1, ge=1, le=256, description="shards, placed by a hash of document id; fixed at creation; 1..server.max_shards"
+    )
 
     model_config = ConfigDict(
         extra="forbid",

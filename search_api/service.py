@@ -42,7 +42,7 @@ from pathlib import Path
 from indexer.encoder import Encoder, OnnxQueryEncoder, configure_search_threads, encoder_precision_key
 from indexer.models import model_folder, resolve_profile
 from indexer.pipeline import encoder_for_collection, ingest_documents
-from indexer.settings import Settings, snapshot_dir
+from indexer.settings import Settings, check_shards, snapshot_dir
 from search_api import schemas
 from search_api.batching import QueryBatcher
 from search_api.retrieval import Result, Retriever, SearchOptions, check_k, check_query
@@ -341,6 +341,7 @@ class SearchService:
 
     def create_collection(self, request: schemas.CollectionCreate) -> schemas.CollectionInfo:
         path = collection_dir(self.data_dir, request.name)
+        check_shards(request.shards, self.settings.server)
         with self._lock:
             if request.name in self._collections or path.exists():
                 raise ConflictError(f"collection {request.name!r} already exists")

@@ -61,11 +61,10 @@ def take_snapshot(collection: Collection, destination: Path, wait: float = 60.0)
     partial = destination.with_name(f".{destination.name}.partial-{secrets.token_hex(4)}")
     partial.mkdir(parents=True)
     try:
-        with collection.writing(wait):
-            source = collection._db.conn
+        with collection.writing(wait), collection.connection() as source:
             target = sqlite3.connect(partial / DB_FILE)
             try:
-                source.backup(target)
+                source.conn.backup(target)
             finally:
                 target.close()
             collection.checkpoint_to(partial)

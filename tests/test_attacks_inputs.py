@@ -4,6 +4,15 @@ nothing one document stores may make later reads fail."""
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +23,7 @@ from search_api.cli import main
 from storage.collection import Collection, Document, Passage
 
 from conftest import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
-from server import RunningServer
+from server import RunningServer, free_port
 
 SURROGATE = "\\ud800"  # as a JSON escape: json.loads gives a str with a lone surrogate, which has no UTF-8 form
 
@@ -205,3 +214,81 @@ def test_names_with_a_trailing_newline_are_refused(server, data, tmp_path):
     assert result.exit_code == 2 and "invalid collection name" in result.output
     result = CliRunner().invoke(main, ["index-field", "lang\n", "--data-dir", str(data)])
     assert result.exit_code == 2 and "invalid metadata field name" in result.output
+
+
+# -- one request must not take the server down -----------------------------------------------------------------
+
+STELLA = str(Path(sys.executable).parent / "stella-search")
+
+
+def test_too_many_shards_are_refused_naming_the_setting(server, tmp_path):
+    response = httpx.post(f"{server.url}/collections", json={"name": "wide", "model": "minilm", "shards": 65})
+    assert response.status_code == 400, response.text
+    assert "server.max_shards" in response.json()["detail"]
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"_id": "a", "text": "fine"}])
+    result = CliRunner().invoke(main, ["ingest", str(corpus), "--data-dir", str(tmp_path / "d"), "--shards", "65"])
+    assert result.exit_code == 2 and "server.max_shards" in result.output
+    assert not (tmp_path / "d" / "default").exists()
+
+
+def test_a_64_shard_collection_answers_300_requests_at_once_within_1024_descriptors(tmp_path):
+    """A real `stella-search serve` under the common default `ulimit -n` of 1024: every shard connection a fan-out
+    thread ever used stayed open, per thread and per shard, until every request failed."""
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - the child holds it
+
+    def limit_open_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    env = {**os.environ, "STELLA_SEARCH_ENCODER__MODEL": "minilm", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [STELLA, "serve", "--data-dir", str(tmp_path / "data"), "--port", str(port), "--device", "cpu"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        preexec_fn=limit_open_files,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, tmp_path / "server.log")
+        created = httpx.post(f"{url}/collections", json={"name": "wide", "model": "minilm", "shards": 64}, timeout=300)
+        assert created.status_code == 201, created.text
+        records = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=200)
+        documents = [{"id": r["_id"], "title": r["title"], "text": r["text"]} for r in records]
+        assert httpx.post(f"{url}/collections/wide/documents", json={"documents": documents}, timeout=300).is_success
+        gate = threading.Event()
+
+        def one(i: int) -> str:
+            gate.wait()
+            try:
+                with httpx.Client(base_url=url, timeout=300) as http:  # a connection of its own
+                    if i % 2:
+                        return str(http.get("/health").status_code)
+                    return str(http.post("/collections/wide/search", json={"query": f"airline {i}"}).status_code)
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+
+        with ThreadPoolExecutor(300) as pool:
+            answers = [pool.submit(one, i) for i in range(300)]
+            time.sleep(0.5)
+            gate.set()
+            statuses = Counter(a.result() for a in answers)
+        assert statuses == {"200": 300}, (statuses, (tmp_path / "server.log").read_text(errors="replace")[-2000:])
+        assert len(os.listdir(f"/proc/{process.pid}/fd")) < 1024
+        assert httpx.get(f"{url}/health").json()["collections"]["wide"]["documents"] == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the server did not come up:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
