@@ -173,6 +173,14 @@ class ServerSettings(_Section):
     microbatch_window_ms: float = Field(
         0.0, ge=0.0, le=100.0, description="extra wait for more queries; 0 takes only what is already queued"
     )
+    max_loaded_encoders: int = Field(
+        4,
+        ge=1,
+        description="encoders (one per model, dimension, prompt type and precision of the served collections) "
+        "kept in memory at once, each a whole model (MiniLM about 0.7 GB with its ONNX graphs, Stella-1.5B "
+        "several GB); loading one more first releases the least recently used, which its collection's next "
+        "request loads again (and waits for). Deleting a collection releases the encoders no other one uses",
+    )
     max_shards: int = Field(
         64,
         ge=1,

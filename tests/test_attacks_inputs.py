@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from indexer.pipeline import ingest_paths
+from search_api.batching import QueryBatcher
 from search_api.cli import main
 from storage.collection import Collection, Document, Passage
 
@@ -229,6 +230,52 @@ def test_too_many_shards_are_refused_naming_the_setting(server, tmp_path):
     result = CliRunner().invoke(main, ["ingest", str(corpus), "--data-dir", str(tmp_path / "d"), "--shards", "65"])
     assert result.exit_code == 2 and "server.max_shards" in result.output
     assert not (tmp_path / "d" / "default").exists()
+
+
+def test_encoders_no_collection_uses_are_released_and_bounded(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=10))
+    ingest_paths([corpus], tmp_path / "data", "default", cpu_settings(), model="minilm")
+    documents = [{"id": r["_id"], "text": r["text"]} for r in read_jsonl(corpus)]
+
+    def loaded(url) -> list[str]:
+        return httpx.get(f"{url}/health").json()["models"]
+
+    with RunningServer(server_settings(tmp_path / "data", max_loaded_encoders=2)) as server:
+        url = server.url
+        assert loaded(url) == ["minilm (native, s2p)"]
+        for dim in (256, 128):
+            created = httpx.post(
+                f"{url}/collections", json={"name": f"d{dim}", "model": "minilm", "dim": dim}, timeout=300
+            )
+            assert created.status_code == 201, created.text
+            assert httpx.post(
+                f"{url}/collections/d{dim}/documents", json={"documents": documents}, timeout=300
+            ).is_success
+            assert any(f"[:{dim}]" in model for model in loaded(url))
+            assert httpx.delete(f"{url}/collections/d{dim}", timeout=60).status_code == 200
+            assert loaded(url) == ["minilm (native, s2p)"]  # the deleted collection's encoder went with it
+        # three collections of three encoders under a bound of two: the least recently used is released, and its
+        # collection is still answered (loading it again) and still counted ready
+        for dim in (64, 32):
+            body = {"name": f"d{dim}", "model": "minilm", "dim": dim}
+            assert httpx.post(f"{url}/collections", json=body, timeout=300).status_code == 201
+            assert httpx.post(
+                f"{url}/collections/d{dim}/documents", json={"documents": documents}, timeout=300
+            ).is_success
+        assert len(loaded(url)) == 2 and "minilm (native, s2p)" not in loaded(url)
+        assert httpx.get(f"{url}/ready").status_code == 200
+        for name in ("default", "d64", "d32", "default"):
+            search = httpx.post(f"{url}/collections/{name}/search", json={"query": "an airline", "k": 3}, timeout=300)
+            assert search.status_code == 200 and search.json()["results"], (name, search.text)
+            assert len(loaded(url)) <= 2
+        assert httpx.get(f"{url}/ready").status_code == 200
+
+
+def test_a_closed_query_batcher_still_encodes(minilm):
+    """A request may hold the batcher of an encoder released meanwhile: it encodes on its own thread."""
+    batcher = QueryBatcher(minilm)
+    batcher.close()
+    assert batcher.encode_queries(["an airline"]).shape == (1, minilm.dim)
 
 
 def test_a_64_shard_collection_answers_300_requests_at_once_within_1024_descriptors(tmp_path):
