@@ -173,6 +173,13 @@ class ServerSettings(_Section):
     microbatch_window_ms: float = Field(
         0.0, ge=0.0, le=100.0, description="extra wait for more queries; 0 takes only what is already queued"
     )
+    max_response_hits: int = Field(
+        20_000,
+        ge=1,
+        description="most results one response may carry, checked before searching: queries x k, times "
+        "passages_per_document with group_by=document (each result carries its passage text and its document's "
+        "title and metadata); over it is a 413. The default lets one search ask for max_k x 20 passages",
+    )
     max_loaded_encoders: int = Field(
         4,
         ge=1,

@@ -352,7 +352,9 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
                 responses = client.search_batch(queries, k=k, collection=settings.collection, **options)
                 return [[(h.id, h.score) for h in r.results] for r in responses]
 
-            run = run_queries(dataset, search_fn, k)
+            # batches whose responses stay within the limit a server with these settings applies
+            batch = max(1, min(64, settings.server.max_response_hits // k))
+            run = run_queries(dataset, search_fn, k, batch=batch)
     else:
         from indexer.encoder import configure_search_threads
         from indexer.pipeline import ingest_documents, open_or_create_collection

@@ -53,7 +53,7 @@ from indexer.pipeline import encoder_for_collection, ingest_documents
 from indexer.settings import Settings, check_shards, snapshot_dir
 from search_api import schemas
 from search_api.batching import QueryBatcher
-from search_api.retrieval import Result, Retriever, SearchOptions, check_k, check_query
+from search_api.retrieval import Result, Retriever, SearchOptions, check_k, check_query, check_response_size
 from storage.collection import (
     Collection,
     Document,
@@ -579,6 +579,7 @@ class SearchService:
         for query in request.queries:
             check_query(query, self.settings.server)
         batch = [self._options(q, request) for q in request.queries]
+        check_response_size(len(batch), batch[0], self.settings.server)
         collection = self.collection(name)
         retriever = self._retriever(collection, request.mode)
         started = time.perf_counter()
@@ -600,6 +601,7 @@ class SearchService:
             collection, self._writer_for(collection) if request.text else None, observe_encode=self._observe_encode
         )
         options = self._options(request.text or "", request)
+        check_response_size(1, options, self.settings.server)
         started = time.perf_counter()
         results = retriever.similar(options, document_id=request.id)
         took_ms = (time.perf_counter() - started) * 1000

@@ -232,6 +232,24 @@ def test_too_many_shards_are_refused_naming_the_setting(server, tmp_path):
     assert not (tmp_path / "d" / "default").exists()
 
 
+def test_a_batch_too_large_to_answer_is_a_413_before_any_work(server):
+    queries = [f"airline {i}" for i in range(256)]
+    response = httpx.post(
+        f"{server.url}/collections/default/search/batch", json={"queries": queries, "k": 1000}, timeout=120
+    )
+    assert response.status_code == 413, response.text[:300]
+    assert (
+        "server.max_response_hits" in response.json()["detail"] and "256 queries x k=1000" in response.json()["detail"]
+    )
+    grouped = {"query": "airline", "k": 1000, "group_by": "document", "passages_per_document": 20}
+    assert httpx.post(f"{server.url}/collections/default/search", json=grouped, timeout=60).status_code == 200
+    two = {"queries": ["airline", "ship"], "k": 1000, "group_by": "document", "passages_per_document": 20}
+    response = httpx.post(f"{server.url}/collections/default/search/batch", json=two, timeout=60)
+    assert response.status_code == 413 and "passages_per_document" in response.json()["detail"]
+    within = {"queries": queries[:20], "k": 1000}
+    assert httpx.post(f"{server.url}/collections/default/search/batch", json=within, timeout=120).status_code == 200
+
+
 def test_encoders_no_collection_uses_are_released_and_bounded(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=10))
     ingest_paths([corpus], tmp_path / "data", "default", cpu_settings(), model="minilm")
