@@ -183,11 +183,12 @@ class SearchService:
         m = collection.manifest
         return self._key(m.model, m.dim, m.prompt_type, m.max_length, m.precision)
 
-    def _default_request(self, model: str | None, dim: int | None, prompt_type: str) -> bool:
-        """Whether a collection of ``model``, ``dim`` and ``prompt_type`` gets the default encoder's vectors."""
+    def _default_request(self, default: Encoder, model: str | None, dim: int | None, prompt_type: str) -> bool:
+        """Whether a collection of ``model``, ``dim`` and ``prompt_type`` gets the ``default`` encoder's vectors (its
+        dimension named or not: loading a second copy of it only to find the same key wasted its memory)."""
         encoder = self.settings.encoder
-        asked = (model or encoder.model, dim or encoder.embedding_dimension, prompt_type)
-        return asked == (encoder.model, encoder.embedding_dimension, encoder.prompt_type)
+        asked = (model or encoder.model, dim or default.dim, prompt_type)
+        return asked == (encoder.model, default.dim, encoder.prompt_type)
 
     def _default_encoder(self) -> Encoder:
         self._make_room(None)
@@ -440,8 +441,9 @@ class SearchService:
                 f"model {request.model!r} is not a profile ({', '.join(MODEL_PROFILES)}); loading model folders "
                 "over HTTP (with trust_remote_code) needs server.allow_model_paths: true"
             )
-        if self._default is not None and self._default_request(request.model, request.dim, request.prompt_type):
-            encoder = self._default
+        default = self._default  # None once released under server.max_loaded_encoders
+        if default is not None and self._default_request(default, request.model, request.dim, request.prompt_type):
+            encoder = default
         else:
             self._make_room(None)
             settings = self.settings.model_copy(deep=True)
