@@ -35,6 +35,7 @@ from indexer.settings import Settings
 from indexer.sources import check_sources, read_documents
 from storage.collection import Document, Manifest, Passage, content_hash, metadata_to_json
 from storage.errors import InvalidInputError, StellaSearchError
+from storage.inputs import MetadataLimits
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _read_file(row: dict) -> list[dict]:
             "text": doc.text,
             "metadata": metadata_to_json(doc.id, doc.metadata),
         }
-        for doc in read_documents(Path(row["path"]))
+        for doc in read_documents(Path(row["path"]), MetadataLimits(row["metadata_depth"], row["metadata_bytes"]))
     ]
 
 
@@ -192,7 +193,8 @@ def ingest_paths_on_ray(
     """Ingest ``paths`` into collection ``name`` on the Ray cluster at ``address``, with ``workers`` encoder
     actors (default: one per GPU, else 2). Same result and guarantees as :func:`indexer.pipeline.ingest_paths`.
     """
-    sources = check_sources(paths, strict)
+    limits = settings.ingest.metadata_limits()
+    sources = check_sources(paths, strict, limits)
     ray = connect(address)
     started = time.perf_counter()
     collection, _ = prepare_collection(
@@ -210,7 +212,12 @@ def ingest_paths_on_ray(
         context.execution_options.preserve_order = True  # commits in input order, like local ingest
         context.enable_progress_bars = False
         dataset = (
-            ray.data.from_items([{"path": str(Path(p).resolve())} for p in paths])
+            ray.data.from_items(
+                [
+                    {"path": str(Path(p).resolve()), "metadata_depth": limits.depth, "metadata_bytes": limits.bytes}
+                    for p in paths
+                ]
+            )
             .flat_map(_read_file, num_cpus=0.25)  # light next to encoding: never starve the actor pool
             .map_batches(
                 EncodeDocuments,

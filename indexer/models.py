@@ -22,7 +22,7 @@ from storage.errors import InvalidInputError, ModelUnavailableError
 
 log = logging.getLogger(__name__)
 
-HEAD_FOLDER = re.compile(r"^2_Dense_(\d+)$")
+HEAD_FOLDER = re.compile(r"2_Dense_(\d+)")  # used with fullmatch
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def available_heads(folder: Path) -> dict[int, str]:
     """``{dim: folder name}`` of the MRL heads (``2_Dense_*``) a model folder ships."""
     heads = {}
     for child in folder.iterdir() if folder.is_dir() else []:
-        match = HEAD_FOLDER.match(child.name)
+        match = HEAD_FOLDER.fullmatch(child.name)
         if match and child.is_dir():
             heads[int(match.group(1))] = child.name
     return dict(sorted(heads.items()))
@@ -152,7 +152,7 @@ def default_head(folder: Path) -> str | None:
     if not modules.exists():
         return None
     for module in json.loads(modules.read_text()):
-        if HEAD_FOLDER.match(module.get("path", "")):
+        if HEAD_FOLDER.fullmatch(module.get("path", "")):
             return module["path"]
     return None
 
@@ -177,7 +177,7 @@ def select_head(folder: Path, native_dim: int, dim: int | None) -> HeadChoice:
     if heads:
         wired = default_head(folder)
         if dim is None:
-            wired_dim = int(HEAD_FOLDER.match(wired).group(1)) if wired else max(heads)
+            wired_dim = int(HEAD_FOLDER.fullmatch(wired).group(1)) if wired else max(heads)
             return HeadChoice(heads[wired_dim], wired_dim, truncate=False)
         if dim in heads:
             return HeadChoice(heads[dim], dim, truncate=False)

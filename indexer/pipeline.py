@@ -318,10 +318,11 @@ def ingest_paths(
     with neither title nor text are skipped and counted in the report; ``strict`` refuses the whole ingest
     instead, before anything is written.
     """
-    sources = check_sources(paths, strict)
+    limits = settings.ingest.metadata_limits()
+    sources = check_sources(paths, strict, limits)
     collection, encoder = open_or_create_collection(data_dir, name, settings, model, dim, shards)
     with collection, collection.writing(wait):
-        documents = (doc for path in paths for doc in read_documents(Path(path)))
+        documents = (doc for path in paths for doc in read_documents(Path(path), limits))
         report = ingest_documents(collection, encoder, documents, settings, total=sources.documents)
     report.documents_skipped, report.skipped = sources.skipped, sources.first_skipped
     return report

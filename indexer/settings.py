@@ -39,6 +39,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from indexer.onnx_backend import INT8_KEEP_FP32
 from storage.errors import InvalidInputError
+from storage.inputs import DEFAULT_METADATA_BYTES, DEFAULT_METADATA_DEPTH, READABLE_METADATA_DEPTH, MetadataLimits
+from storage.sharding import MAX_SHARDS
 
 ENV_PREFIX = "STELLA_SEARCH_"
 # The CLI's ``--api-key`` for ``--url`` (the key a client sends), not a setting: the server's is SERVER__API_KEY.
@@ -132,6 +134,23 @@ class EmbeddingSettings(_Section):
 class IngestSettings(_Section):
     chunk_overlap: int = Field(32, ge=0, description="tokens shared by consecutive passages of one document")
     commit_documents: int = Field(1024, ge=1, description="documents encoded and committed per transaction")
+    max_metadata_depth: int = Field(
+        DEFAULT_METADATA_DEPTH,
+        ge=1,
+        le=READABLE_METADATA_DEPTH,
+        description="a document's metadata may nest this many objects and lists deep; deeper is refused, by the "
+        "API (400) and by file ingest (naming the file and line). Responses cannot carry much deeper values.",
+    )
+    max_metadata_bytes: int = Field(
+        DEFAULT_METADATA_BYTES,
+        ge=64,
+        description="a document's metadata may take this many bytes as JSON; larger is refused, by the API (400) "
+        "and by file ingest. Every search hit carries its document's metadata, so this bounds a hit's size.",
+    )
+
+    def metadata_limits(self) -> MetadataLimits:
+        """The limits new documents' metadata is checked against (storage.collection.metadata_to_json)."""
+        return MetadataLimits(depth=self.max_metadata_depth, bytes=self.max_metadata_bytes)
 
 
 class ServerSettings(_Section):
@@ -170,6 +189,28 @@ class ServerSettings(_Section):
     microbatch_window_ms: float = Field(
         0.0, ge=0.0, le=100.0, description="extra wait for more queries; 0 takes only what is already queued"
     )
+    max_response_hits: int = Field(
+        20_000,
+        ge=1,
+        description="most results one response may carry, checked before searching: queries x k, times "
+        "passages_per_document with group_by=document (each result carries its passage text and its document's "
+        "title and metadata); over it is a 413. The default lets one search ask for max_k x 20 passages",
+    )
+    max_loaded_encoders: int = Field(
+        4,
+        ge=1,
+        description="encoders (one per model, dimension, prompt type and precision of the served collections) "
+        "kept in memory at once, each a whole model (MiniLM about 0.7 GB with its ONNX graphs, Stella-1.5B "
+        "several GB); loading one more first releases the least recently used, which its collection's next "
+        "request loads again (and waits for). Deleting a collection releases the encoders no other one uses",
+    )
+    max_shards: int = Field(
+        64,
+        ge=1,
+        le=MAX_SHARDS,
+        description="most shards a new collection may have (POST /collections, the CLI's --shards); every shard "
+        "keeps a SQLite connection (3 file descriptors) and a FAISS index open, and every search asks them all",
+    )
 
 
 class RaySettings(_Section):
@@ -202,6 +243,18 @@ class Settings(_Section):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+
+
+def check_shards(shards: int, server: ServerSettings) -> None:
+    """Refuse more shards than ``server.max_shards``: the same rule for POST /collections and the CLI.
+
+    >>> check_shards(16, ServerSettings())
+    """
+    if shards > server.max_shards:
+        raise InvalidInputError(
+            f"{shards} shards; the limit is {server.max_shards} (server.max_shards): every shard holds open files "
+            "and is asked by every search"
+        )
 
 
 def snapshot_dir(settings: Settings) -> Path:

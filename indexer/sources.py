@@ -24,12 +24,14 @@ from pathlib import Path
 
 from storage.collection import Document, metadata_to_json
 from storage.errors import InvalidInputError
+from storage.inputs import MetadataLimits, lone_surrogate
 
 TEXT_SUFFIXES = {".txt", ".md"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 CSV_SUFFIXES = {".csv", ".tsv"}
 ID_KEYS = ("_id", "id")
 NAMED_SKIPS = 5  # empty records named in an ingest summary; the rest are only counted
+DEFAULT_LIMITS = MetadataLimits()  # the default settings' ingest.max_metadata_depth and max_metadata_bytes
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def _decode(raw: bytes, where: str) -> str:
         ) from None
 
 
-def _document(record: dict, where: str) -> Document | EmptyRecord:
+def _document(record: dict, where: str, limits: MetadataLimits) -> Document | EmptyRecord:
     doc_id = next((record[k] for k in ID_KEYS if record.get(k) not in (None, "")), None)
     if doc_id is None:
         raise InvalidInputError(f"{where}: record has no id (expected an '_id' or 'id' field)")
@@ -89,8 +91,11 @@ def _document(record: dict, where: str) -> Document | EmptyRecord:
         metadata["metadata"] = nested
     if None in metadata:  # csv.DictReader puts the fields of a row longer than its header under None
         raise InvalidInputError(f"{where}: the row has more fields than the header")
+    if problem := lone_surrogate({"id": doc_id, "title": title, "text": text}, "record"):
+        raise InvalidInputError(f"{where}: {problem}; the file must hold valid Unicode")
     try:
-        metadata_to_json(str(doc_id), metadata)  # checked here, so a bad record rejects the ingest before any write
+        # checked here, so a bad record rejects the ingest before any write
+        metadata_to_json(str(doc_id), metadata, limits)
     except InvalidInputError as exc:
         raise InvalidInputError(f"{where}: {exc}") from None
     text = text if text and text.strip() else ""
@@ -99,7 +104,7 @@ def _document(record: dict, where: str) -> Document | EmptyRecord:
     return Document(str(doc_id), title or None, text, metadata)
 
 
-def _read_jsonl(path: Path) -> Iterator[Document | EmptyRecord]:
+def _read_jsonl(path: Path, limits: MetadataLimits) -> Iterator[Document | EmptyRecord]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path} line {number}"
@@ -112,10 +117,10 @@ def _read_jsonl(path: Path) -> Iterator[Document | EmptyRecord]:
                 raise InvalidInputError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(record, dict):
                 raise InvalidInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield _document(record, where)
+            yield _document(record, where, limits)
 
 
-def _read_csv(path: Path) -> Iterator[Document | EmptyRecord]:
+def _read_csv(path: Path, limits: MetadataLimits) -> Iterator[Document | EmptyRecord]:
     raw = path.read_bytes()
     text = _decode_whole(raw, path)
     dialect = "excel-tab" if path.suffix == ".tsv" else "excel"
@@ -123,7 +128,7 @@ def _read_csv(path: Path) -> Iterator[Document | EmptyRecord]:
     if not reader.fieldnames or "text" not in reader.fieldnames:
         raise InvalidInputError(f"{path} line 1: the header must name a 'text' column (found {reader.fieldnames})")
     for record in reader:
-        yield _document(dict(record), f"{path} line {reader.line_num}")
+        yield _document(dict(record), f"{path} line {reader.line_num}", limits)
 
 
 def _decode_whole(raw: bytes, path: Path) -> str:
@@ -139,18 +144,21 @@ def _decode_whole(raw: bytes, path: Path) -> str:
 def _read_folder(root: Path) -> Iterator[Document]:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES):
         rel = path.relative_to(root).as_posix()
+        if problem := lone_surrogate(rel, "file name"):  # bytes that are not UTF-8 in a file's name
+            raise InvalidInputError(f"{path}: {problem}; rename the file (its path is the document id)")
         text = _decode_whole(path.read_bytes(), path)
         if not text.strip():
             raise InvalidInputError(f"{path}: file is empty; remove it or give it text")
         yield Document(rel, None, text, {"path": rel, "format": path.suffix.lower().lstrip(".")})
 
 
-def read_documents(path: Path) -> Iterator[Document]:
-    """Documents from one file or folder, validated record by record; empty records are left out."""
-    return (record for record in read_records(path) if isinstance(record, Document))
+def read_documents(path: Path, limits: MetadataLimits = DEFAULT_LIMITS) -> Iterator[Document]:
+    """Documents from one file or folder, validated record by record (metadata within ``limits``); empty records
+    are left out."""
+    return (record for record in read_records(path, limits) if isinstance(record, Document))
 
 
-def read_records(path: Path) -> Iterator[Document | EmptyRecord]:
+def read_records(path: Path, limits: MetadataLimits = DEFAULT_LIMITS) -> Iterator[Document | EmptyRecord]:
     """The records of one file or folder in order: documents, and the empty records :func:`check_sources` counts.
 
     >>> [type(r).__name__ for r in read_records(Path("corpus.jsonl"))][:2]
@@ -163,9 +171,9 @@ def read_records(path: Path) -> Iterator[Document | EmptyRecord]:
         raise InvalidInputError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        return _read_jsonl(path)
+        return _read_jsonl(path, limits)
     if suffix in CSV_SUFFIXES:
-        return _read_csv(path)
+        return _read_csv(path, limits)
     if suffix in TEXT_SUFFIXES:
         return _read_folder_file(path)
     raise InvalidInputError(
@@ -180,9 +188,9 @@ def _read_folder_file(path: Path) -> Iterator[Document]:
     yield Document(path.name, None, text, {"path": path.name, "format": path.suffix.lower().lstrip(".")})
 
 
-def check_sources(paths: Sequence[Path], strict: bool = False) -> SourceCheck:
-    """Read every input once, raising on the first bad record or repeated id; count the documents and the empty
-    records (neither title nor text), which ``strict`` refuses like a bad record.
+def check_sources(paths: Sequence[Path], strict: bool = False, limits: MetadataLimits = DEFAULT_LIMITS) -> SourceCheck:
+    """Read every input once, raising on the first bad record (metadata beyond ``limits`` included) or repeated id;
+    count the documents and the empty records (neither title nor text), which ``strict`` refuses like a bad record.
 
     >>> check_sources([Path("corpus.jsonl")]).documents
     5183
@@ -191,7 +199,7 @@ def check_sources(paths: Sequence[Path], strict: bool = False) -> SourceCheck:
     check = SourceCheck()
     for path in paths:
         file_count = file_skipped = 0
-        for record in read_records(Path(path)):
+        for record in read_records(Path(path), limits):
             if isinstance(record, EmptyRecord):
                 if strict:
                     raise record.refusal()

@@ -274,7 +274,11 @@ def create_app(
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
             problems.append(f"{where}: {err['msg']}")
-        return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
+        # strings that are not valid Unicode (pydantic's own check on constrained strings, ours on the rest) are
+        # bad input like any other 400, not a mismatch with the schema
+        unicode = all(err["type"] in (schemas.INVALID_UNICODE, "string_unicode") for err in exc.errors())
+        status = 400 if unicode else 422
+        return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=status)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

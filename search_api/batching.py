@@ -37,6 +37,7 @@ class QueryBatcher:
         self._observe = observe or (lambda seconds, texts, requests: None)
         self._queue: queue.Queue[tuple[list[str], Future] | None] = queue.Queue()
         self._closed = False
+        self._gate = threading.Lock()  # a text is queued before the closing None or encoded by its caller
         self._thread = threading.Thread(target=self._run, name="query-batcher", daemon=True)
         self._thread.start()
 
@@ -44,15 +45,20 @@ class QueryBatcher:
         return getattr(self.encoder, name)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        if self._closed:
-            raise RuntimeError("the query batcher is closed")
         future: Future = Future()
-        self._queue.put((list(texts), future))
+        with self._gate:
+            queued = not self._closed
+            if queued:
+                self._queue.put((list(texts), future))
+        if not queued:  # closed (its encoder released) while a request still held it: encode on the caller's thread
+            return self.encoder.encode_queries(texts)
         return future.result()
 
     def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
+        """Stop the batching thread once the queued texts are encoded; later calls encode on their own thread."""
+        with self._gate:
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(timeout=10)
 
     def _take_batch(self, first: tuple[list[str], Future]) -> list[tuple[list[str], Future]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import httpx
 
-from indexer.settings import CLIENT_KEY_VARIABLE, Settings, load_settings
+from indexer.settings import CLIENT_KEY_VARIABLE, Settings, check_shards, load_settings
 from search_api.client import SearchAPIError
 from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION, check_k, check_query
 from storage.errors import StellaSearchError
@@ -180,6 +180,8 @@ def main(verbose: bool) -> None:
 def ingest(paths, config, wait, shards, ray_address, workers, strict, as_json, **flags):
     """Split, encode and index documents from JSONL (BEIR), CSV, .txt/.md files or folders."""
     settings = _settings(config, **flags)
+    if shards is not None:
+        check_shards(shards, settings.server)  # the limit a server with these settings applies
     arguments = dict(model=flags["model"], dim=flags["dim"], wait=wait, shards=shards, strict=strict)
     if ray_address:
         from indexer.distributed import ingest_paths_on_ray
@@ -350,7 +352,9 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
                 responses = client.search_batch(queries, k=k, collection=settings.collection, **options)
                 return [[(h.id, h.score) for h in r.results] for r in responses]
 
-            run = run_queries(dataset, search_fn, k)
+            # batches whose responses stay within the limit a server with these settings applies
+            batch = max(1, min(64, settings.server.max_response_hits // k))
+            run = run_queries(dataset, search_fn, k, batch=batch)
     else:
         from indexer.encoder import configure_search_threads
         from indexer.pipeline import ingest_documents, open_or_create_collection
@@ -365,13 +369,13 @@ def evaluate_command(dataset_dir, config, mode, fusion, alpha, filter_json, k, u
         with collection:
             if collection.count_documents() == 0:
                 log.info("collection %s is empty: ingesting %s", collection.name, dataset.corpus)
-                sources = check_sources([dataset.corpus])
+                limits = settings.ingest.metadata_limits()
+                sources = check_sources([dataset.corpus], limits=limits)
                 if sources.skipped:
                     log.info("%d records with neither title nor text skipped", sources.skipped)
                 with collection.writing():
-                    ingest_documents(
-                        collection, encoder, read_documents(dataset.corpus), settings, total=sources.documents
-                    )
+                    documents = read_documents(dataset.corpus, limits)
+                    ingest_documents(collection, encoder, documents, settings, total=sources.documents)
             retriever = Retriever(collection, encoder)
 
             def search_fn(queries, k):
@@ -421,15 +425,13 @@ def delete(data_dir, collection, config, ids, filter_json, wait):
     """Delete documents by id and/or metadata filter, in one transaction (per shard)."""
     from storage.collection import collection_dir
     from storage.errors import InvalidInputError
+    from storage.inputs import lone_surrogate
     from storage.sharding import open_collection
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
-    where = None
-    if filter_json:
-        try:
-            where = json.loads(filter_json)
-        except ValueError as exc:
-            raise InvalidInputError(f"--filter is not JSON: {exc}") from None
+    where = _filter(filter_json or None)
+    if problem := lone_surrogate(list(ids), "--id"):  # bytes that are not UTF-8 on the command line
+        raise InvalidInputError(f"{problem}; give ids as UTF-8")
     if not ids and where is None:
         raise InvalidInputError("name the documents to delete with --id and/or --filter")
     with open_collection(collection_dir(settings.data_dir, settings.collection)) as opened:
@@ -513,6 +515,7 @@ def reshard_command(data_dir, collection, config, shards, target):
     from storage.sharding import open_collection, reshard
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
+    check_shards(shards, settings.server)
     with open_collection(collection_dir(settings.data_dir, settings.collection)) as source:
         with reshard(source, collection_dir(settings.data_dir, target), shards) as copy:
             click.echo(

@@ -18,7 +18,8 @@ import numpy as np
 from indexer.encoder import Encoder
 from indexer.settings import ServerSettings
 from storage.collection import Collection, Hit
-from storage.errors import InvalidInputError
+from storage.errors import InvalidInputError, PayloadTooLargeError
+from storage.inputs import lone_surrogate
 
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion
 # Measured on msmarco and dbpedia (docs/quality.md): min-max beats RRF on both; alpha 0.8 is best on msmarco and
@@ -60,8 +61,26 @@ def check_query(query: str, limits: ServerSettings) -> None:
     """
     if not query.strip():
         raise InvalidInputError("query is empty; send some text to search for")
+    if problem := lone_surrogate(query, "query"):
+        raise InvalidInputError(f"{problem}; send valid Unicode")
     if len(query) > limits.max_query_chars:
         raise InvalidInputError(f"query has {len(query)} characters; the limit is {limits.max_query_chars}")
+
+
+def check_response_size(queries: int, options: SearchOptions, limits: ServerSettings) -> None:
+    """Refuse, before any work, a request whose response could carry more than ``limits.max_response_hits``
+    results (the CLI's eval sizes its batches by it).
+
+    >>> check_response_size(64, SearchOptions(query="", k=100), ServerSettings())
+    """
+    per_result = options.passages_per_document if options.group_by == "document" else 1
+    asked = queries * options.k * per_result
+    if asked > limits.max_response_hits:
+        shape = f"{queries} queries x k={options.k}" + (f" x {per_result} passages_per_document" * (per_result > 1))
+        raise PayloadTooLargeError(
+            f"this request may return {asked} results ({shape}); the limit is {limits.max_response_hits} "
+            "(server.max_response_hits): send fewer queries per batch, a smaller k or fewer passages_per_document"
+        )
 
 
 @dataclass

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION
+from storage.inputs import lone_surrogate
+
+# the error type of a string that is not valid Unicode: the HTTP layer answers it with 400, not 422
+INVALID_UNICODE = "invalid_unicode"
 
 _EXAMPLE_HIT = {
     "id": "<dbpedia:Oceanic_Airlines>",
@@ -30,8 +35,18 @@ WholeNumber = Annotated[int, BeforeValidator(_integral_float_to_int)]
 
 
 class _Strict(BaseModel):
+    """A request body: unknown fields are refused, and so is any string in it, at any depth (ids, texts, queries,
+    names, metadata and filter keys and values), that is not valid Unicode."""
+
     # strict: true is no number and 10 no string, as the OpenAPI document says
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="after")
+    def _valid_unicode(self):
+        for name in type(self).model_fields:  # nested bodies (an upsert's documents) run their own check
+            if problem := lone_surrogate(getattr(self, name), name):
+                raise PydanticCustomError(INVALID_UNICODE, "{problem}; send valid Unicode", {"problem": problem})
+        return self
 
 
 class SearchOptionsIn(_Strict):
@@ -317,7 +332,7 @@ class CollectionCreate(_Strict):
     )
     prompt_type: Literal["s2p", "s2s"] = "s2p"
     shards: WholeNumber = Field(
-        1, ge=1, le=256, description="shards, placed by a hash of document id; fixed at creation"
+        1, ge=1, le=256, description="shards, placed by a hash of document id; fixed at creation; 1..server.max_shards"
     )
 
     model_config = ConfigDict(

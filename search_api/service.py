@@ -14,6 +14,11 @@ fp32 graph in memory, not two). With no collection served, ready means the defau
 could not be, and the answer says why: collections of other models can still be created. A default model
 that is unavailable never holds back the collections of other models; the answer names it.
 
+Encoders are kept while a served collection uses them, at most ``server.max_loaded_encoders`` keys at a time:
+loading one more releases the least recently used (a request for a collection whose encoder was released loads
+it again, and waits for it; ``/ready`` still counts that collection ready). Deleting a collection releases the
+encoders no other collection uses (the default model's stays), and hands their memory back to the OS.
+
 A collection that appears on disk later (an ingest by the CLI) is served from its first request or listing;
 its encoders load in the background from then on, and ``/ready`` says 503 until they have (at once where
 another served collection uses the same model). A collection whose model cannot be loaded keeps ``/ready`` at
@@ -29,10 +34,13 @@ True
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -40,10 +48,10 @@ from pathlib import Path
 from indexer.encoder import Encoder, OnnxQueryEncoder, configure_search_threads, encoder_precision_key
 from indexer.models import model_folder, resolve_profile
 from indexer.pipeline import encoder_for_collection, ingest_documents
-from indexer.settings import Settings, snapshot_dir
+from indexer.settings import Settings, check_shards, snapshot_dir
 from search_api import schemas
 from search_api.batching import QueryBatcher
-from search_api.retrieval import Result, Retriever, SearchOptions, check_k, check_query
+from search_api.retrieval import Result, Retriever, SearchOptions, check_k, check_query, check_response_size
 from storage.collection import (
     Collection,
     Document,
@@ -90,6 +98,9 @@ class SearchService:
         self._errors: dict[tuple, str] = {}  # (key, "search" | "write") that could not be loaded, and why
         self._default_model: schemas.DefaultModel | None = None
         self._default: Encoder | None = None  # the default model's encoder, where it was loaded at start
+        self._default_key: tuple | None = None
+        self._recent: OrderedDict[tuple, None] = OrderedDict()  # keys with an encoder loaded, least recently used first
+        self._released: set[tuple] = set()  # keys of served collections released under server.max_loaded_encoders
         self._batchers: dict[tuple, QueryBatcher] = {}
         self._lock = threading.RLock()
         self._ready = threading.Event()  # the start-up load is over
@@ -178,20 +189,90 @@ class SearchService:
         m = collection.manifest
         return self._key(m.model, m.dim, m.prompt_type, m.max_length, m.precision)
 
-    def _default_request(self, model: str | None, dim: int | None, prompt_type: str) -> bool:
-        """Whether a collection of ``model``, ``dim`` and ``prompt_type`` gets the default encoder's vectors."""
+    def _default_request(self, default: Encoder, model: str | None, dim: int | None, prompt_type: str) -> bool:
+        """Whether a collection of ``model``, ``dim`` and ``prompt_type`` gets the ``default`` encoder's vectors (its
+        dimension named or not: loading a second copy of it only to find the same key wasted its memory)."""
         encoder = self.settings.encoder
-        asked = (model or encoder.model, dim or encoder.embedding_dimension, prompt_type)
-        return asked == (encoder.model, encoder.embedding_dimension, encoder.prompt_type)
+        asked = (model or encoder.model, dim or default.dim, prompt_type)
+        return asked == (encoder.model, default.dim, encoder.prompt_type)
 
     def _default_encoder(self) -> Encoder:
+        self._make_room(None)
         encoder = Encoder.load(self.settings.encoder.model, self.settings)
         key = self._key(
             encoder.profile.name, encoder.dim, encoder.prompt_type, encoder.max_seq_length, encoder.precision
         )
         with self._lock:
-            self._default = self._writers.setdefault(key, encoder)
-            return self._encoders.setdefault(key, encoder)
+            self._default, self._default_key = self._writers.setdefault(key, encoder), key
+            search = self._encoders.setdefault(key, encoder)
+            self._note_loaded(key)
+            return search
+
+    # -- how many encoders stay loaded -------------------------------------------------------------------
+
+    def _note_loaded(self, key: tuple) -> None:
+        """``key`` has an encoder loaded now, and is the most recently used (under the service lock). Released, it
+        stays counted ready (loaded on demand) until its full encoder is back too."""
+        self._recent[key] = None
+        self._recent.move_to_end(key)
+        if key in self._writers:
+            self._released.discard(key)
+
+    def _used(self, key: tuple) -> None:
+        with self._lock:
+            if key in self._recent:
+                self._recent.move_to_end(key)
+
+    def _make_room(self, key: tuple | None) -> None:
+        """Before loading an encoder for ``key`` (None: a key not known before it loads): release the least
+        recently used keys until one more stays within ``server.max_loaded_encoders``. Keys still loading are
+        kept (the bound is then briefly exceeded)."""
+        released = []
+        with self._lock:
+            if key is not None and key in self._recent:
+                return
+            for victim in list(self._recent):
+                if len(self._recent) < self.settings.server.max_loaded_encoders:
+                    break
+                if victim != key and not any(slot[0] == victim for slot in self._loads):
+                    released.append(self._release(victim))
+        self._after_release(released)
+
+    def _release(self, key: tuple) -> QueryBatcher | None:
+        """Forget ``key``'s encoders (under the service lock); requests still holding them finish with them."""
+        self._encoders.pop(key, None)
+        self._writers.pop(key, None)
+        self._recent.pop(key, None)
+        for role in ("search", "write"):
+            self._errors.pop((key, role), None)
+        if key == self._default_key:
+            self._default = self._default_key = None
+        if any(self._manifest_key(c) == key for c in self._collections.values()):
+            self._released.add(key)
+        log.info("released the encoder of %s", key)
+        return self._batchers.pop(key, None)
+
+    def _release_unused(self, key: tuple) -> None:
+        """Release ``key``'s encoders where no served collection uses them (the default model's stay)."""
+        with self._lock:
+            used = key == self._default_key or any(self._manifest_key(c) == key for c in self._collections.values())
+            released = [] if used or key not in self._recent else [self._release(key)]
+            if not used:
+                self._released.discard(key)
+        self._after_release(released)
+
+    @staticmethod
+    def _after_release(batchers: list[QueryBatcher | None]) -> None:
+        if not batchers:
+            return
+        for batcher in batchers:
+            if batcher is not None:
+                batcher.close()  # a request still holding it encodes on its own thread
+        gc.collect()
+        try:  # glibc keeps freed heap for reuse: RSS stayed ~400 MB up per released MiniLM encoder without this
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
     def _once(self, key: tuple, role: str, load: Callable[[], object]):
         """``load()``'s result for (``key``, ``role``): the first caller loads, callers meanwhile wait for it. A
@@ -205,6 +286,7 @@ class SearchService:
         if not loading:
             return future.result()
         try:
+            self._make_room(key)
             result = load()
         except BaseException as exc:
             with self._lock:
@@ -226,14 +308,19 @@ class SearchService:
         key = self._manifest_key(collection)
         with self._lock:
             loaded = self._encoders.get(key)
-        return loaded or self._once(key, "search", lambda: self._load_search_encoder(collection, key))
+        if loaded is not None:
+            self._used(key)
+            return loaded
+        return self._once(key, "search", lambda: self._load_search_encoder(collection, key))
 
     def _load_search_encoder(self, collection: Collection, key: tuple) -> Encoder | OnnxQueryEncoder:
         encoder = OnnxQueryEncoder.for_manifest(collection.manifest, self.settings)
         if encoder is None:
             return self._writer_for(collection, wait=False)
         with self._lock:
-            return self._encoders.setdefault(key, encoder)
+            encoder = self._encoders.setdefault(key, encoder)
+            self._note_loaded(key)
+            return encoder
 
     def _writer_for(self, collection: Collection, wait: bool = True) -> Encoder:
         """The full encoder of ``collection``, which writes its passages; loaded in the background after start-up,
@@ -243,7 +330,10 @@ class SearchService:
         key = self._manifest_key(collection)
         with self._lock:
             loaded = self._writers.get(key)
-        return loaded or self._once(key, "write", lambda: self._load_writer(collection, key))
+        if loaded is not None:
+            self._used(key)
+            return loaded
+        return self._once(key, "write", lambda: self._load_writer(collection, key))
 
     def _load_writer(self, collection: Collection, key: tuple) -> Encoder:
         encoder = encoder_for_collection(collection, self.settings)
@@ -253,6 +343,7 @@ class SearchService:
             self._encoders[key] = encoder
             if key in self._batchers:
                 self._batchers[key].encoder = encoder
+            self._note_loaded(key)
         return encoder
 
     def _load_later(self, collection: Collection) -> None:
@@ -269,8 +360,8 @@ class SearchService:
         with self._lock:
             if (key, role) in self._errors and (key, role) not in self._loads:
                 return "unavailable", self._errors[(key, role)]
-            if key in (self._encoders if role == "search" else self._writers):
-                return "ready", None
+            if key in (self._encoders if role == "search" else self._writers) or key in self._released:
+                return "ready", None  # released: loaded again by the next request that needs it
         return "loading", None
 
     def _encoder_state(self, collection: Collection) -> schemas.CollectionState:
@@ -347,6 +438,7 @@ class SearchService:
 
     def create_collection(self, request: schemas.CollectionCreate) -> schemas.CollectionInfo:
         path = collection_dir(self.data_dir, request.name)
+        check_shards(request.shards, self.settings.server)
         with self._lock:
             if request.name in self._collections or path.exists():
                 raise ConflictError(f"collection {request.name!r} already exists")
@@ -355,9 +447,11 @@ class SearchService:
                 f"model {request.model!r} is not a profile ({', '.join(MODEL_PROFILES)}); loading model folders "
                 "over HTTP (with trust_remote_code) needs server.allow_model_paths: true"
             )
-        if self._default is not None and self._default_request(request.model, request.dim, request.prompt_type):
-            encoder = self._default
+        default = self._default  # None once released under server.max_loaded_encoders
+        if default is not None and self._default_request(default, request.model, request.dim, request.prompt_type):
+            encoder = default
         else:
+            self._make_room(None)
             settings = self.settings.model_copy(deep=True)
             settings.encoder.prompt_type = request.prompt_type
             encoder = Encoder.load(request.model or settings.encoder.model, settings, dim=request.dim)
@@ -369,6 +463,7 @@ class SearchService:
             key = self._manifest_key(collection)
             self._writers.setdefault(key, encoder)
             self._encoders.setdefault(key, encoder)
+            self._note_loaded(key)
         return self._info(collection)
 
     # -- snapshots ---------------------------------------------------------------------------------------
@@ -444,6 +539,7 @@ class SearchService:
         finally:
             with self._lock:
                 self._deleting.discard(name)
+        self._release_unused(self._manifest_key(collection))
 
     # -- search ------------------------------------------------------------------------------------------
 
@@ -462,14 +558,16 @@ class SearchService:
         key = self._manifest_key(collection)
         with self._lock:
             batcher = self._batchers.get(key)
-            if batcher is None:  # with the key's current encoder: _load_writer may have replaced the one above
+            if batcher is None and key in self._encoders:  # the key's current encoder: _load_writer may replace it
                 batcher = QueryBatcher(
-                    self._encoders.get(key, encoder),
+                    self._encoders[key],
                     server.microbatch_max,
                     server.microbatch_window_ms,
                     observe=self._observe_batch,
                 )
                 self._batchers[key] = batcher
+        if batcher is None:  # released since: this request encodes on its own thread
+            return Retriever(collection, encoder, observe_encode=self._observe_encode)
         return Retriever(collection, batcher)
 
     def _observe_batch(self, seconds: float, texts: int, requests: int) -> None:
@@ -488,6 +586,7 @@ class SearchService:
         for query in request.queries:
             check_query(query, self.settings.server)
         batch = [self._options(q, request) for q in request.queries]
+        check_response_size(len(batch), batch[0], self.settings.server)
         collection = self.collection(name)
         retriever = self._retriever(collection, request.mode)
         started = time.perf_counter()
@@ -509,6 +608,7 @@ class SearchService:
             collection, self._writer_for(collection) if request.text else None, observe_encode=self._observe_encode
         )
         options = self._options(request.text or "", request)
+        check_response_size(1, options, self.settings.server)
         started = time.perf_counter()
         results = retriever.similar(options, document_id=request.id)
         took_ms = (time.perf_counter() - started) * 1000
@@ -525,10 +625,11 @@ class SearchService:
             repeated = sorted({i for i in ids if ids.count(i) > 1})
             raise InvalidInputError(f"document ids must be unique within a request; repeated: {repeated[:5]}")
         max_chars = self.settings.server.max_document_chars
+        limits = self.settings.ingest.metadata_limits()
         for doc in documents:
             if not doc.text.strip() and not (doc.title or "").strip():
                 raise InvalidInputError(f"document {doc.id!r} has empty text and no title: give it either")
-            metadata_to_json(doc.id, doc.metadata)
+            metadata_to_json(doc.id, doc.metadata, limits)
             if len(doc.text) > max_chars:
                 raise PayloadTooLargeError(
                     f"document {doc.id!r} has {len(doc.text)} characters; the limit is {max_chars} "

@@ -16,6 +16,7 @@ fails its checksum. Passage ids come from ``AUTOINCREMENT`` and are never reused
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,6 @@ import shutil
 import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -45,6 +45,7 @@ from storage.errors import (
     NotFoundError,
 )
 from storage.filters import KEY, compile_filter
+from storage.inputs import READABLE_METADATA_DEPTH, MetadataLimits, json_depth, lone_surrogate
 from storage.locking import ReadWriteLock, WriterLock
 from storage.vector_index import (
     AUTO,
@@ -112,8 +113,22 @@ _READ_CHUNK = 4096  # rows per read while (re)building an index
 # selector-filtered IVF/HNSW search loses recall.
 EXACT_FILTER_MAX = 4096
 TUNING_QUERIES = 1000  # held-out passages per tuning run: recall@10 to about +-0.01
+# SQLite connections a collection keeps open between operations (each holds 2 file descriptors, plus 1 per database
+# for the shared WAL index); while more operations run at once, more are opened and closed as they end
+IDLE_CONNECTIONS = 4
 TUNING_K = 10
 _READ_ATTEMPTS = 20
+
+
+def _operation(method):
+    """Run a Collection method on a connection borrowed for the calling thread (``Collection.connection``)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.connection():
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def content_hash(title: str | None, text: str) -> str:
@@ -121,7 +136,8 @@ def content_hash(title: str | None, text: str) -> str:
     return hashlib.sha256(f"{title or ''}\x1f{text}".encode()).hexdigest()
 
 
-COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# full matches only: with re.match a trailing "\n" would pass "$" and name a second folder
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def collection_dir(data_dir: Path | str, name: str) -> Path:
@@ -152,8 +168,16 @@ def _metadata_json(metadata: dict) -> str:
     return json.dumps(metadata, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
-def metadata_to_json(document_id: str, metadata) -> str:
-    """The stored form of a document's metadata, or an InvalidInputError saying what is wrong with it."""
+# keys of the object returned in place of stored metadata too deep to return; '$' keys cannot be user metadata
+UNREADABLE_METADATA = "$unreadable"
+STORED_METADATA_JSON = "$stored_json"
+
+
+def metadata_to_json(document_id: str, metadata, limits: MetadataLimits | None = None) -> str:
+    """The stored form of a document's metadata, or an InvalidInputError saying what is wrong with it.
+
+    ``limits`` are checked for new documents (the API, file ingest); copies of stored rows pass None.
+    """
     where = f"document {document_id!r}"
     if not isinstance(metadata, dict):
         raise InvalidInputError(f"{where}: metadata must be an object, not {type(metadata).__name__}")
@@ -163,10 +187,52 @@ def metadata_to_json(document_id: str, metadata) -> str:
                 f"{where}: metadata key {key!r} is not allowed: keys must be non-empty strings not starting "
                 "with '$' (reserved for filter operators)"
             )
+    if limits is not None and (depth := json_depth(metadata)) > limits.depth:
+        raise InvalidInputError(
+            f"{where}: metadata is nested {depth} levels deep (objects and lists); the limit is {limits.depth} "
+            "(ingest.max_metadata_depth): flatten it"
+        )
+    if problem := lone_surrogate(metadata, "metadata"):
+        raise InvalidInputError(f"{where}: {problem}; send valid Unicode")
     try:
-        return _metadata_json(metadata)
+        stored = _metadata_json(metadata)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{where}: metadata must be plain JSON without NaN or Infinity ({exc})") from None
+    except RecursionError:
+        raise InvalidInputError(f"{where}: metadata is nested too deeply to store; flatten it") from None
+    if limits is not None and (size := len(stored.encode())) > limits.bytes:
+        raise InvalidInputError(
+            f"{where}: metadata is {size} bytes as JSON; the limit is {limits.bytes} (ingest.max_metadata_bytes): "
+            "keep large values in the document's text or elsewhere"
+        )
+    return stored
+
+
+def stored_metadata(stored: str) -> dict:
+    """A stored metadata column as returned by reads. Metadata nested deeper than READABLE_METADATA_DEPTH (written
+    before writes were limited) comes back as ``{"$unreadable": why, "$stored_json": its JSON text}``, so that no
+    stored document can make a read or a search fail.
+
+    >>> stored_metadata('{"year": 2017}')
+    {'year': 2017}
+    """
+    try:
+        metadata = json.loads(stored)
+    except RecursionError:  # deeper than the JSON decoder goes
+        depth = None
+    else:
+        if stored.count("{") + stored.count("[") <= READABLE_METADATA_DEPTH:  # the usual case, without a walk
+            return metadata
+        depth = json_depth(metadata)
+        if depth <= READABLE_METADATA_DEPTH:
+            return metadata
+    levels = f"{depth} levels" if depth is not None else "too"
+    return {
+        UNREADABLE_METADATA: f"this metadata is nested {levels} deep, over the {READABLE_METADATA_DEPTH} a response "
+        f"carries; it is kept as stored, as JSON text in {STORED_METADATA_JSON!r}: upsert the document with "
+        "flatter metadata",
+        STORED_METADATA_JSON: stored,
+    }
 
 
 def _json_dict(value) -> dict:
@@ -259,15 +325,18 @@ class WriteResult:
 class Collection:
     """Documents, passages and vectors of one collection directory, searchable by vector.
 
-    Use ``Collection.create`` for a new directory and ``Collection.open`` for an existing one.
+    Use ``Collection.create`` for a new directory and ``Collection.open`` for an existing one. At most
+    ``idle_connections`` SQLite connections stay open between operations (see ``connection``).
     """
 
-    def __init__(self, path: Path, manifest: Manifest, use_gpu: bool | None = None):
+    def __init__(
+        self, path: Path, manifest: Manifest, use_gpu: bool | None = None, idle_connections: int = IDLE_CONNECTIONS
+    ):
         self.path = Path(path)
         self.manifest = manifest
-        self._local = threading.local()
-        # per-thread connections; a finished thread's wrapper is collected and its connection closes with it
-        self._databases: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
+        self._idle_connections = idle_connections
+        self._idle: list[sqlite_utils.Database] = []
+        self._borrowed: dict[int, list] = {}  # thread id -> [its connection, nesting depth]
         self._connections_lock = threading.Lock()
         self._closed = False
         self._view = ReadWriteLock()  # searches read the index; replays change it
@@ -282,7 +351,12 @@ class Collection:
 
     @classmethod
     def create(
-        cls, path: Path | str, manifest: Manifest, use_gpu: bool | None = None, first_passage_id: int = 1
+        cls,
+        path: Path | str,
+        manifest: Manifest,
+        use_gpu: bool | None = None,
+        first_passage_id: int = 1,
+        idle_connections: int = IDLE_CONNECTIONS,
     ) -> Collection:
         """Create an empty collection directory; refuses a directory that already holds one.
 
@@ -309,13 +383,12 @@ class Collection:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return cls.open(path, use_gpu=use_gpu)
+        return cls.open(path, use_gpu=use_gpu, idle_connections=idle_connections)
 
     @classmethod
     def _initialise(cls, path: Path, manifest: Manifest, first_passage_id: int = 1) -> None:
         collection = cls(path, manifest, use_gpu=False)
-        db = collection._db
-        with db.atomic():
+        with collection.connection() as db, db.atomic():
             db.execute(
                 """CREATE TABLE documents (
                     id TEXT PRIMARY KEY, title TEXT, text TEXT NOT NULL, metadata TEXT NOT NULL,
@@ -341,9 +414,11 @@ class Collection:
         collection.close()
 
     @classmethod
-    def open(cls, path: Path | str, use_gpu: bool | None = None) -> Collection:
+    def open(
+        cls, path: Path | str, use_gpu: bool | None = None, idle_connections: int = IDLE_CONNECTIONS
+    ) -> Collection:
         """Open an existing collection, bringing its FAISS index up to date with SQLite."""
-        probe = cls._probe(Path(path), use_gpu)
+        probe = cls._probe(Path(path), use_gpu, idle_connections)
         probe._migrate()
         probe._load_index()
         return probe
@@ -356,13 +431,14 @@ class Collection:
         return probe.manifest
 
     @classmethod
-    def _probe(cls, path: Path, use_gpu: bool | None) -> Collection:
+    def _probe(cls, path: Path, use_gpu: bool | None, idle_connections: int = IDLE_CONNECTIONS) -> Collection:
         """The collection object with its manifest read from SQLite; nothing else loaded yet."""
         if not (path / DB_FILE).exists():
             raise NotFoundError(f"no collection at {path} (no {DB_FILE}); create one by ingesting into it")
-        probe = cls(path, manifest=None, use_gpu=use_gpu)  # type: ignore[arg-type]
+        probe = cls(path, manifest=None, use_gpu=use_gpu, idle_connections=idle_connections)  # type: ignore[arg-type]
         try:
-            rows = list(probe._db["manifest"].rows)
+            with probe.connection() as db:
+                rows = list(db["manifest"].rows)
         except sqlite3.DatabaseError as exc:
             probe.close()
             raise CorruptCollectionError(
@@ -437,6 +513,7 @@ class Collection:
         )
         self.checkpoint()
 
+    @_operation
     def _build_index(
         self, index_type: str, recall_target: float | None = None, queries: np.ndarray | None = None
     ) -> tuple[VectorIndex, Stamp, dict]:
@@ -526,6 +603,7 @@ class Collection:
         )
         return index, index.stamp(max_id, max_seq), report
 
+    @_operation
     def _document_ids(self, ids: np.ndarray) -> list[str]:
         """The document id of each of passages ``ids``, in that order."""
         found: dict[int, str] = {}
@@ -537,6 +615,7 @@ class Collection:
             found.update(self._db.execute(sql, chunk).fetchall())
         return [found[i] for i in id_list]
 
+    @_operation
     def _vectors_by_id(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of passages ``ids``, in that order (every id must exist)."""
         found: dict[int, bytes] = {}
@@ -547,10 +626,12 @@ class Collection:
             found.update(self._db.execute(f"SELECT id, vector FROM passages WHERE id IN ({marks})", chunk).fetchall())
         return self._vectors([found[i] for i in id_list]) if id_list else np.empty((0, self.dim), "float32")
 
+    @_operation
     def _high_water_marks(self) -> tuple[int, int]:
         seqs = dict(self._db.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
         return int(seqs.get("passages", 0)), int(seqs.get("deletions", 0))
 
+    @_operation
     def _replay(self) -> None:
         """Bring the in-memory index up to SQLite: newer deletions, then newer passages.
 
@@ -594,6 +675,7 @@ class Collection:
         except CollectionBusyError:
             log.debug("checkpoint of %s skipped: another process is writing it", self.path)
 
+    @_operation
     def _follow_index_change(self) -> None:
         """Adopt the index another process's ``optimize`` installed: its manifest row no longer matches ours.
 
@@ -616,31 +698,70 @@ class Collection:
 
     @property
     def _db(self) -> sqlite_utils.Database:
-        if self._closed:
-            raise NotFoundError(f"collection {self.path.name} was closed or deleted")
-        db = getattr(self._local, "db", None)
-        if db is None:
-            conn = sqlite3.connect(self.path / DB_FILE, timeout=30, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            db = sqlite_utils.Database(conn)
-            self._local.db = db
+        """The database of the operation this thread is running (in an ``@_operation`` method or ``connection()``)."""
+        borrowed = self._borrowed.get(threading.get_ident())
+        if borrowed is None:
+            raise RuntimeError("Collection._db outside an operation: use 'with collection.connection() as db'")
+        return borrowed[0]
+
+    @contextmanager
+    def connection(self) -> Iterator[sqlite_utils.Database]:
+        """The SQLite database for one operation of the calling thread (every ``@_operation`` method; a snapshot's
+        backup): nested operations of one thread share it, and so its transaction; other threads get others.
+
+        Never waits: an idle connection is reused or a new one opened; at the end it goes back to the idle ones, or
+        is closed where ``idle_connections`` are idle already. So the open connections are the idle ones plus the
+        operations running at that moment, not one per thread that ever read the collection (a server's thread
+        pools times its shards ran out of file descriptors).
+
+        >>> with collection.connection() as db:
+        ...     db.execute("SELECT count(*) FROM documents").fetchone()
+        (500,)
+        """
+        thread = threading.get_ident()
+        with self._connections_lock:
+            borrowed = self._borrowed.get(thread)
+            if borrowed is None:
+                if self._closed:
+                    raise NotFoundError(f"collection {self.path.name} was closed or deleted")
+                borrowed = self._borrowed[thread] = [self._idle.pop() if self._idle else None, 0]
+            borrowed[1] += 1
+        try:
+            if borrowed[0] is None:
+                borrowed[0] = self._connect()
+            yield borrowed[0]
+        finally:
+            db = None
             with self._connections_lock:
-                self._databases.add(db)
-        return db
+                borrowed[1] -= 1
+                if borrowed[1] == 0:
+                    del self._borrowed[thread]  # the thread it was borrowed by, wherever a generator is closed
+                    db = borrowed[0]
+                    reusable = db is not None and not self._closed and not db.conn.in_transaction
+                    if reusable and len(self._idle) < self._idle_connections:
+                        self._idle.append(db)
+                        db = None
+            if db is not None:
+                db.conn.close()
+
+    def _connect(self) -> sqlite_utils.Database:
+        conn = sqlite3.connect(self.path / DB_FILE, timeout=30, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return sqlite_utils.Database(conn)
 
     def retire(self) -> None:
         """Refuse new reads and writes; requests already running finish on their open connections."""
         self._closed = True
 
     def close(self) -> None:
-        self._closed = True
+        """Close the idle connections; those of operations still running close as each ends."""
         with self._connections_lock:
-            for db in list(self._databases):
-                db.conn.close()
-            self._databases = weakref.WeakSet()
-        self._local = threading.local()
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for db in idle:
+            db.conn.close()
 
     def __enter__(self) -> Collection:
         return self
@@ -680,9 +801,11 @@ class Collection:
     def on_gpu(self) -> bool:
         return self._index.on_gpu
 
+    @_operation
     def count_documents(self) -> int:
         return self._db["documents"].count
 
+    @_operation
     def count_passages(self) -> int:
         return self._db["passages"].count
 
@@ -690,6 +813,7 @@ class Collection:
         """Stored content hash of each of ``ids`` that exists."""
         return {doc_id: state[0] for doc_id, state in self.document_states(ids).items()}
 
+    @_operation
     def document_states(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """``{id: (content hash, metadata JSON)}`` of each of ``ids`` that exists: what decides re-ingest work."""
         out: dict[str, tuple[str, str]] = {}
@@ -702,6 +826,7 @@ class Collection:
                 out[doc_id] = (digest, metadata)
         return out
 
+    @_operation
     def all_document_states(self) -> dict[str, tuple[str, str]]:
         """``document_states`` of every stored document (what a distributed ingest classifies against)."""
         return {r[0]: (r[1], r[2]) for r in self._db.execute("SELECT id, content_hash, metadata FROM documents")}
@@ -713,6 +838,7 @@ class Collection:
             return False, False
         return state[0] == content_hash(doc.title, doc.text), state[1] == metadata_to_json(doc.id, doc.metadata)
 
+    @_operation
     def get(self, document_id: str) -> tuple[Document, list[Passage]]:
         """A document and its passages, in order."""
         db = self._db
@@ -727,8 +853,9 @@ class Collection:
                     "document_id = ?", [document_id], order_by="ordinal", select='ordinal, text, start, "end"'
                 )
             ]
-        return Document(row["id"], row["title"], row["text"], json.loads(row["metadata"])), passages
+        return Document(row["id"], row["title"], row["text"], stored_metadata(row["metadata"])), passages
 
+    @_operation
     def _migrate(self) -> None:
         """Bring an older collection up to SCHEMA_VERSION (v1 -> v2: build the FTS5 index from its passages)."""
         if self.manifest.schema_version >= SCHEMA_VERSION:
@@ -750,18 +877,20 @@ class Collection:
         log.info("migrated %s to schema %d (lexical index built)", self.path, SCHEMA_VERSION)
         self.manifest = Manifest(**{**asdict(self.manifest), "schema_version": SCHEMA_VERSION})
 
+    @_operation
     def indexed_fields(self) -> frozenset[str]:
         """Metadata fields with an index (``index_field``); filters on them use it."""
         if not self._db["indexed_fields"].exists():
             return frozenset()
         return frozenset(r[0] for r in self._db.execute("SELECT field FROM indexed_fields"))
 
+    @_operation
     def index_field(self, field_name: str) -> int:
         """Index a metadata field so filters on it need not scan every document; returns the rows indexed.
 
         The index is kept in step with every write by SQLite triggers, whichever process writes.
         """
-        if not KEY.match(field_name):
+        if not KEY.fullmatch(field_name):
             raise InvalidInputError(f"invalid metadata field name {field_name!r}: use letters, digits, '_' and '-'")
         with self.writing():
             db = self._db
@@ -781,6 +910,7 @@ class Collection:
                 )
                 return cursor.rowcount
 
+    @_operation
     def _allowed_ids(self, where: dict) -> np.ndarray:
         """Passage ids whose document matches the metadata filter ``where`` (parameterised SQL)."""
         sql, params = compile_filter(where, self.indexed_fields())
@@ -789,6 +919,7 @@ class Collection:
         ).fetchall()
         return np.fromiter((r[0] for r in rows), dtype="int64", count=len(rows))
 
+    @_operation
     def search_lexical(self, query: str, k: int = 10, where: dict | None = None) -> list[Hit]:
         """Top-k passages by BM25 (FTS5) over title and text; any query word may match. Score: -bm25."""
         words = TOKEN.findall(query)
@@ -812,6 +943,7 @@ class Collection:
             rows = self._passage_rows({r[0] for r in ranked})
         return [self._hit(rows[pid], float(score)) for pid, score in ranked if pid in rows]
 
+    @_operation
     def passage_vectors(self, document_id: str) -> np.ndarray:
         """The stored vectors of a document's passages (no re-encoding), in passage order."""
         blobs = [
@@ -824,6 +956,7 @@ class Collection:
             raise NotFoundError(f"no document with id {document_id!r} in collection {self.name}")
         return self._vectors(blobs)
 
+    @_operation
     def search(self, query_vectors: np.ndarray, k: int = 10, where: dict | None = None) -> list[list[Hit]]:
         """Top-k passages per query vector, best first, from one consistent state of the collection.
 
@@ -885,18 +1018,20 @@ class Collection:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(vectors, passage ids) blocks of the stored vectors up to ``max_id``, of ``allowed`` ids only when given."""
         last = 0
-        while True:
-            rows = self._db.execute(
-                "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
-                [last, max_id, _READ_CHUNK],
-            ).fetchall()
-            if not rows:
-                return
-            ids = np.array([r[0] for r in rows], dtype="int64")
-            keep = np.isin(ids, allowed) if allowed is not None else np.ones(len(ids), bool)
-            yield self._vectors([r[1] for r, kept in zip(rows, keep) if kept]), ids[keep]
-            last = rows[-1][0]
+        with self.connection() as db:
+            while True:
+                rows = db.execute(
+                    "SELECT id, vector FROM passages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    [last, max_id, _READ_CHUNK],
+                ).fetchall()
+                if not rows:
+                    return
+                ids = np.array([r[0] for r in rows], dtype="int64")
+                keep = np.isin(ids, allowed) if allowed is not None else np.ones(len(ids), bool)
+                yield self._vectors([r[1] for r, kept in zip(rows, keep) if kept]), ids[keep]
+                last = rows[-1][0]
 
+    @_operation
     def _passage_rows(self, ids: set[int]) -> dict[int, dict]:
         rows: dict[int, dict] = {}
         id_list = sorted(ids)
@@ -922,7 +1057,7 @@ class Collection:
             start=row["start"],
             end=row["end"],
             title=row["title"],
-            metadata=json.loads(row["metadata"]),
+            metadata=stored_metadata(row["metadata"]),
         )
 
     def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
@@ -937,6 +1072,7 @@ class Collection:
 
     # -- writing ---------------------------------------------------------------------------------------------
 
+    @_operation
     def write(self, documents: Sequence[Document], passages: Sequence[Passage], vectors: np.ndarray) -> WriteResult:
         """Upsert ``documents`` in one transaction.
 
@@ -1002,6 +1138,7 @@ class Collection:
             self._replay()
         return WriteResult(len(documents), len(new_ids), len(removed))
 
+    @_operation
     def delete(self, document_ids: Sequence[str] = (), where: dict | None = None) -> int:
         """Delete documents by id and/or by metadata filter (see ``storage.filters``) in one transaction.
 
@@ -1032,8 +1169,7 @@ class Collection:
 
     def iter_documents(self, batch: int = 512) -> Iterator[tuple[list[Document], list[Passage], np.ndarray]]:
         """Every document with its passages and stored vectors, ``batch`` documents at a time, from one snapshot."""
-        db = self._db
-        with db.atomic():
+        with self.connection() as db, db.atomic():
             last = ""
             while True:
                 rows = db.execute(
@@ -1063,6 +1199,7 @@ class Collection:
             "exact_fallback_searches": self.exact_fallback_searches,
         }
 
+    @_operation
     def optimize(
         self,
         index: str | None = None,

@@ -15,8 +15,9 @@ import re
 from typing import Any
 
 from storage.errors import InvalidInputError
+from storage.inputs import lone_surrogate
 
-KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # used with fullmatch
 MAX_DEPTH = 8
 MAX_CLAUSES = 128
 MAX_LIST = 1000
@@ -59,7 +60,7 @@ class _Compiler:
         return " AND ".join(parts) if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
 
     def field(self, key: str, condition: Any, depth: int) -> str:
-        if not KEY.match(key):
+        if not KEY.fullmatch(key):
             raise InvalidInputError(
                 f"invalid metadata field name {key!r} in filter: use letters, digits, '_' and '-' (at most 64)"
             )
@@ -155,6 +156,8 @@ def compile_filter(filter_: dict, indexed: frozenset[str] = frozenset()) -> tupl
 
     Fields in ``indexed`` (see ``Collection.index_field``) are looked up in ``metadata_index`` instead.
     """
+    if problem := lone_surrogate(filter_, "filter"):  # SQLite could not bind it
+        raise InvalidInputError(f"{problem}; send valid Unicode")
     compiler = _Compiler(indexed)
     sql = compiler.node(filter_, depth=1)
     if len(compiler.params) > MAX_PARAMS:

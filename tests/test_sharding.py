@@ -64,7 +64,8 @@ def test_documents_live_wholly_in_their_shard_and_passage_ids_never_collide(pair
     for index, shard in enumerate(three.shards):
         for documents, _passages, _vectors in shard.iter_documents():
             assert {shard_of(d.id, 3) for d in documents} == {index}
-        rows = shard._db.execute("SELECT id FROM passages").fetchall()
+        with shard.connection() as db:
+            rows = db.execute("SELECT id FROM passages").fetchall()
         ids = {r[0] for r in rows}
         assert all(index << PASSAGE_ID_BITS < i < (index + 1) << PASSAGE_ID_BITS for i in ids)
         ids_seen |= ids
