@@ -19,6 +19,12 @@ its encoders load in the background from then on, and ``/ready`` says 503 until 
 another served collection uses the same model). A collection whose model cannot be loaded keeps ``/ready`` at
 503, with the reason, until it is fixed (each request to it tries again) or deleted.
 
+Storage faults (see ``storage.disk``): a damaged collection (its files cannot be opened as a collection) is listed
+as unavailable with the reason and holds back no other from ``/ready``; its routes answer 503, and each request
+tries to open it again, so a restored one is served without a restart. A read-only data folder serves searches and
+answers writes 503; a write that would leave less free space than the reserve answers 507. ``/health`` says
+``degraded`` while any of these lasts, or since a write the disk failed, until a write to that collection succeeds.
+
 >>> service = SearchService(settings)
 >>> service.start()                       # loads encoders in a background thread
 >>> service.readiness().ready
