@@ -75,6 +75,7 @@ from storage.disk import (
 )
 from storage.errors import (
     ConflictError,
+    InsufficientStorageError,
     InvalidInputError,
     ModelLoadingError,
     NotFoundError,
@@ -369,7 +370,7 @@ class SearchService:
             error = storage_error(exc, self.data_dir)
             if error is None:
                 raise
-            if collection is not None:
+            if collection is not None and isinstance(error, (StorageUnavailableError, InsufficientStorageError)):
                 with self._lock:
                     self._faults[collection] = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {error}"
             raise error from exc
@@ -772,7 +773,8 @@ class SearchService:
         """The data folder's storage for /health, and what degrades it: damaged collections, a folder that cannot
         be written, free space below the reserve, a collection's last write that the disk failed."""
         reasons = [f"collection {name} cannot be opened: {reason}" for name, reason in damaged.items()]
-        local = [shard for c in opened.values() for shard in (c.shards if isinstance(c, ShardedCollection) else [c])]
+        parts = [shard for c in opened.values() for shard in (c.shards if isinstance(c, ShardedCollection) else [c])]
+        local = [part for part in parts if isinstance(part, Collection)]  # not the shards a Ray deployment serves
         folders = [self.data_dir] + [shard.path for shard in local]
         read_only = next((f for f in folders if not writable(f, [f / DB_FILE])), None)
         if read_only is not None:

@@ -380,8 +380,8 @@ class Collection:
         except sqlite3.DatabaseError as exc:
             probe.close()
             error = storage_error(exc, path)
-            if isinstance(error, StorageUnavailableError):  # a permission or I/O problem: the file may be fine
-                raise StorageUnavailableError(f"collection {path.name} cannot be opened: {error}") from exc
+            if error is not None and not isinstance(error, CorruptCollectionError):
+                raise error from exc  # a full or failing disk, a permission, a lock held elsewhere: not the file
             raise CorruptCollectionError(
                 f"{path / DB_FILE} cannot be read as a collection database ({exc}); it was left untouched. "
                 "Restore it from a snapshot or move it aside and re-ingest."

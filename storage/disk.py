@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import (
+    CollectionBusyError,
     CorruptCollectionError,
     InsufficientStorageError,
     StellaSearchError,
@@ -51,6 +52,8 @@ SQLITE_CODE_BY_MESSAGE = {
     "unable to open database file": "SQLITE_CANTOPEN",
     "file is not a database": "SQLITE_NOTADB",
     "database disk image is malformed": "SQLITE_CORRUPT",
+    "database is locked": "SQLITE_BUSY",
+    "database table is locked": "SQLITE_LOCKED",
 }
 
 
@@ -200,7 +203,8 @@ def storage_error(exc: BaseException, data_dir: Path | str) -> StellaSearchError
     Out of space (ENOSPC, a disk quota, a file over the size limit, SQLITE_FULL) is an InsufficientStorageError;
     a read-only folder or file (EROFS, SQLITE_READONLY), a permission (EACCES, EPERM) and failed I/O (EIO, a file
     removed underneath, SQLITE_IOERR, SQLITE_CANTOPEN) a StorageUnavailableError; an unreadable database
-    (SQLITE_NOTADB, SQLITE_CORRUPT) a CorruptCollectionError.
+    (SQLITE_NOTADB, SQLITE_CORRUPT) a CorruptCollectionError; a lock held elsewhere (SQLITE_BUSY) a
+    CollectionBusyError.
     """
     data_dir = Path(data_dir)
     if isinstance(exc, StellaSearchError):
@@ -214,6 +218,8 @@ def storage_error(exc: BaseException, data_dir: Path | str) -> StellaSearchError
         if code.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")):
             # SQLite reports ENOSPC met outside a plain write (growing the WAL index, an fsync) as an I/O error
             return _out_of_space(data_dir, detail) if free_bytes(data_dir) < MIB else _io_error(data_dir, detail)
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return CollectionBusyError(f"a collection database in {data_dir} is locked elsewhere ({exc}); retry")
         if code.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
             return CorruptCollectionError(
                 f"a collection database in {data_dir} cannot be read ({exc}); it was left untouched. Restore it from "

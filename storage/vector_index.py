@@ -310,7 +310,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written copy taking its space
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no half-written copy taking space
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -8,6 +8,7 @@ RLIMIT_FSIZE, which any user can set on a process they start.
 """
 
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -29,6 +30,13 @@ import search_api.service
 from indexer.pipeline import ingest_paths
 from search_api.cli import main
 from storage.collection import Collection
+from storage.disk import storage_error
+from storage.errors import (
+    CollectionBusyError,
+    CorruptCollectionError,
+    InsufficientStorageError,
+    StorageUnavailableError,
+)
 
 from conftest import cpu_settings, server_settings, write_jsonl
 from server import RunningServer, free_port
@@ -360,3 +368,33 @@ def test_a_file_size_limit_answers_507_or_503_never_500_and_loses_no_acknowledge
     assert integrity(data / "docs") == "ok"
     assert stray_files(data) == []
     print(json.dumps({"acknowledged": len(acknowledged), "refused": refused}, indent=2))
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected", "words"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "index.faiss"), InsufficientStorageError, "out of space"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), InsufficientStorageError, "out of space"),
+        (OSError(errno.EFBIG, "File too large"), InsufficientStorageError, "largest size allowed"),
+        (OSError(errno.EROFS, "Read-only file system"), StorageUnavailableError, "the data folder is read-only"),
+        (OSError(errno.EACCES, "Permission denied", "collection.db"), StorageUnavailableError, "no permission"),
+        (OSError(errno.EIO, "Input/output error"), StorageUnavailableError, "Input/output error"),
+        (OSError(errno.ENOENT, "No such file or directory", "index.json"), StorageUnavailableError, "index.json"),
+        (sqlite3.OperationalError("database or disk is full"), InsufficientStorageError, "out of space"),
+        (sqlite3.OperationalError("attempt to write a readonly database"), StorageUnavailableError, "read-only"),
+        (sqlite3.OperationalError("disk I/O error"), StorageUnavailableError, "disk I/O error"),
+        (sqlite3.DatabaseError("file is not a database"), CorruptCollectionError, "Restore it from a snapshot"),
+        (sqlite3.OperationalError("database is locked"), CollectionBusyError, "retry"),
+        (sqlite3.OperationalError("no such table: nothing"), None, ""),
+        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), None, ""),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else None,
+)
+def test_each_failure_of_the_disk_has_its_domain_error(tmp_path, failure, expected, words):
+    error = storage_error(failure, tmp_path)
+    if expected is None:
+        assert error is None  # not a storage failure: left to surface as the bug it is
+        return
+    assert type(error) is expected and words in str(error), str(error)
+    if expected is not CorruptCollectionError:
+        assert "restore" not in str(error).lower()  # only damaged data is restored from a snapshot
