@@ -26,6 +26,7 @@ from indexer.models import resolve_profile
 from indexer.settings import Settings
 from indexer.sources import check_sources, read_documents
 from storage.collection import Collection, Document, Manifest, Passage, collection_dir
+from storage.disk import estimated_write_bytes, require_space
 from storage.errors import CollectionExistsError, InvalidInputError, ModelMismatchError, NotFoundError
 from storage.sharding import ShardedCollection, create_collection, open_collection
 
@@ -173,6 +174,7 @@ def open_or_create_collection(
     loaded: list[Encoder] = []
 
     def new_manifest() -> Manifest:
+        require_space(data_dir, settings.storage.reserve_bytes)
         loaded.append(Encoder.load(model, settings, dim=dim))
         return loaded[0].manifest()
 
@@ -205,7 +207,9 @@ def ingest_documents(
     waits for that batch's commit first, so it is classified against what that batch wrote.
 
     ``batch_documents`` overrides ``ingest.commit_documents`` (the API writes a request as one transaction);
-    ``checkpoint=False`` leaves the FAISS file to a later checkpoint (SQLite already holds every vector).
+    ``checkpoint=False`` leaves the FAISS file to a later checkpoint (SQLite already holds every vector). A batch
+    that would leave less free space than ``storage.reserve_bytes`` keeps for maintenance is refused before it is
+    written (InsufficientStorageError; see ``storage.disk``): the batches before it stay committed.
     """
     report = IngestReport()
     started = time.perf_counter()
@@ -217,6 +221,9 @@ def ingest_documents(
 
     def commit(batch: _Prepared) -> None:
         if batch.encoding is not None:
+            chars = sum(len(d.text) + len(d.title or "") for d in batch.to_encode + batch.metadata_only)
+            written = estimated_write_bytes(chars, len(batch.passages), collection.dim)
+            require_space(collection.path.parent, settings.storage.reserve_bytes, written)
             result = collection.write(batch.to_encode + batch.metadata_only, batch.passages, batch.encoding.result())
             report.passages_written += result.passages_added
             report.passages_removed += result.passages_removed

@@ -38,6 +38,7 @@ from platformdirs import user_cache_dir
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from indexer.onnx_backend import INT8_KEEP_FP32
+from storage.disk import DEFAULT_RESERVE_BYTES
 from storage.errors import InvalidInputError
 from storage.inputs import DEFAULT_METADATA_BYTES, DEFAULT_METADATA_DEPTH, READABLE_METADATA_DEPTH, MetadataLimits
 from storage.sharding import MAX_SHARDS
@@ -213,6 +214,20 @@ class ServerSettings(_Section):
     )
 
 
+class StorageSettings(_Section):
+    reserve_bytes: int = Field(
+        DEFAULT_RESERVE_BYTES,
+        ge=0,
+        description="free space kept on the data folder's filesystem: a write (an upsert, an ingest batch, a new "
+        "collection) is refused (HTTP 507, CLI exit 2) unless the free space stays at least reserve_bytes + twice each "
+        "index file + each WAL (what a checkpoint, an optimize and a WAL checkpoint write beside what exists) + twice "
+        "the write itself, and /health says 'degraded' below it. The default, 64 MiB, holds what the index files do "
+        "not show yet: the vectors a collection gains between two index checkpoints (10,000 passages of 1,024 "
+        "dimensions are 40 MiB) and SQLite's temporary files. Snapshots and restores check their own size the same "
+        "way.",
+    )
+
+
 class RaySettings(_Section):
     """Resources per Ray Serve replica and Ray Data actor (``--ray``); logical CPUs, as Ray schedules them."""
 
@@ -242,6 +257,7 @@ class Settings(_Section):
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
 
 

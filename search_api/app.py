@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import sqlite3
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,9 +33,11 @@ from search_api.auth import Access, BearerKeys, access_summary, may_see_details,
 from search_api.metrics import Metrics
 from search_api.service import SearchService
 from storage.collection import COLLECTION_NAME
+from storage.disk import storage_error
 from storage.errors import (
     ConflictError,
     CorruptCollectionError,
+    InsufficientStorageError,
     InvalidInputError,
     ModelLoadingError,
     ModelUnavailableError,
@@ -42,6 +45,7 @@ from storage.errors import (
     PayloadTooLargeError,
     ShardUnavailableError,
     StellaSearchError,
+    StorageUnavailableError,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,8 @@ STATUS_BY_ERROR: list[tuple[type[StellaSearchError], int]] = [
     (ModelUnavailableError, 503),
     (CorruptCollectionError, 503),
     (ShardUnavailableError, 503),
+    (StorageUnavailableError, 503),
+    (InsufficientStorageError, 507),
     (StellaSearchError, 400),
 ]
 
@@ -83,7 +89,15 @@ ERROR_RESPONSES = {
     },
     413: {"model": schemas.ErrorBody, "description": "request body or batch over the limits"},
     422: {"model": schemas.ErrorBody, "description": "body does not match the schema"},
-    503: {"model": schemas.ErrorBody, "description": "model still loading or unavailable; retry"},
+    503: {
+        "model": schemas.ErrorBody,
+        "description": "model still loading or unavailable (retry); a damaged collection; a read-only data folder "
+        "(writes); a failed read or write of the disk",
+    },
+    507: {
+        "model": schemas.ErrorBody,
+        "description": "a write refused for lack of space: the message names the data folder and its free space",
+    },
 }
 
 
@@ -279,6 +293,16 @@ def create_app(
         unicode = all(err["type"] in (schemas.INVALID_UNICODE, "string_unicode") for err in exc.errors())
         status = 400 if unicode else 422
         return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=status)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def storage_failure(request: Request, exc: Exception):
+        """A failed read or write of the disk that no layer below named: its domain error (503, 507), never a 500."""
+        error = storage_error(exc, settings.data_dir)
+        if error is None:
+            return await unexpected(request, exc)
+        log.warning("%s %s: %s (%s)", request.method, request.url.path, error, exc)
+        return await domain_error(request, error)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 import warnings
@@ -23,9 +24,11 @@ import httpx
 from indexer.settings import CLIENT_KEY_VARIABLE, Settings, check_shards, load_settings
 from search_api.client import SearchAPIError
 from search_api.retrieval import DEFAULT_ALPHA, DEFAULT_FUSION, check_k, check_query
+from storage.disk import storage_error
 from storage.errors import StellaSearchError
 
 log = logging.getLogger("stella_search")
+DATA_DIR_KEY = "stella_search.data_dir"  # in click's context meta: the data folder of the running command
 
 BACKEND_OPTION = click.option(
     "--backend",
@@ -56,12 +59,17 @@ def _settings(config: str | None, **flags) -> Settings:
             cli[key] = value
         else:
             cli.setdefault(section, {})[key] = value
-    return load_settings(config, cli=cli)
+    settings = load_settings(config, cli=cli)
+    context = click.get_current_context(silent=True)
+    if context is not None:  # what a failed read or write of the disk is reported against
+        context.meta[DATA_DIR_KEY] = settings.data_dir
+    return settings
 
 
 class _Command(click.Group):
-    """Usage errors, domain errors, a server's error answers and an unreachable server (``--url``) become one clear
-    line on stderr and exit status 2, never a traceback."""
+    """Usage errors, domain errors, a failed read or write of the disk (a full or read-only data folder), a
+    server's error answers and an unreachable server (``--url``) become one clear line on stderr and exit status 2,
+    never a traceback."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -80,6 +88,11 @@ class _Command(click.Group):
             message = _usage_message(exc)
         except StellaSearchError as exc:
             message = str(exc)
+        except (OSError, sqlite3.Error) as exc:
+            error = storage_error(exc, ctx.meta.get(DATA_DIR_KEY, Path("data")))
+            if error is None:
+                raise
+            message = str(error)
         except SearchAPIError as exc:
             message = f"the server answered {exc.status_code}: {exc.detail}"
         except httpx.HTTPError as exc:  # --url's server, or a model hub
@@ -459,6 +472,7 @@ def snapshot(data_dir, collection, config, out, wait, prune):
     """
     from indexer.settings import snapshot_dir
     from storage.collection import Collection, collection_dir
+    from storage.disk import folder_bytes, require_room
     from storage.sharding import refuse_sharded
     from storage.snapshots import prune_snapshots, snapshot_name, take_snapshot
 
@@ -473,6 +487,8 @@ def snapshot(data_dir, collection, config, out, wait, prune):
     refuse_sharded(collection_dir(settings.data_dir, settings.collection), "snapshot")
     destination = Path(out) if out else root / snapshot_name(settings.collection)
     with Collection.open(collection_dir(settings.data_dir, settings.collection)) as opened:
+        needed = folder_bytes(opened.path)
+        require_room(destination, needed, "the snapshot", settings.data_dir, settings.storage.reserve_bytes)
         info = take_snapshot(opened, destination, wait=wait)
     pruned = []
     if destination.parent.resolve() == root.resolve():  # the retention governs snapshot_dir, not copies elsewhere
@@ -492,10 +508,13 @@ def restore(snapshot_path, data_dir, collection, config, replace):
     The copy is verified before anything moves; an existing collection is kept aside, never deleted, with --replace.
     """
     from storage.collection import collection_dir
+    from storage.disk import folder_bytes, require_room
     from storage.snapshots import restore_snapshot
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
     target = collection_dir(settings.data_dir, settings.collection)
+    needed = folder_bytes(snapshot_path)
+    require_room(target, needed, "the restored collection", settings.data_dir, settings.storage.reserve_bytes)
     info = restore_snapshot(Path(snapshot_path), target, replace=replace)
     click.echo(f"restored {snapshot_path} as {target}: {info['documents']} documents, {info['passages']} passages")
 
@@ -572,10 +591,13 @@ def optimize(data_dir, collection, config, index_type, recall, queries_file, wai
     A sharded collection is optimized shard by shard, each for its own size.
     """
     from storage.collection import collection_dir
+    from storage.disk import index_bytes_at_most, require_room
     from storage.sharding import open_collection
 
     settings = _settings(config, data_dir=data_dir, collection=collection)
     with open_collection(collection_dir(settings.data_dir, settings.collection)) as opened:
+        needed = index_bytes_at_most(opened.count_passages(), opened.dim)
+        require_room(opened.path, needed, "the new index", settings.data_dir, settings.storage.reserve_bytes)
         queries = None
         if queries_file:
             from indexer.pipeline import encoder_for_collection

@@ -379,7 +379,8 @@ class CollectionState(BaseModel):
     state: EncoderStateName = Field(
         ...,
         description="ready: searches are answered and writes accepted; loading: not yet (503, Retry-After); "
-        "unavailable: its model cannot be loaded (503), 'reason' says why",
+        "unavailable: its model cannot be loaded, or its files cannot be opened (a damaged collection, which holds "
+        "back no other from /ready); its routes answer 503 and 'reason' says why",
     )
     writes: EncoderStateName = Field(
         ..., description="the full encoder writes need; it loads after start-up, and a write waits for it"
@@ -427,12 +428,26 @@ class Readiness(BaseModel):
     )
 
 
+class StorageHealth(BaseModel):
+    data_dir: str
+    writable: bool = Field(..., description="False: the data folder is read-only; searches answered, writes 503")
+    free_bytes: int = Field(..., description="free space of the data folder's filesystem")
+    required_free_bytes: int = Field(
+        ...,
+        description="what must stay free: storage.reserve_bytes + twice the index files + the WALs; below it writes "
+        "are refused with 507",
+    )
+    reserve_bytes: int = Field(..., description="the setting storage.reserve_bytes")
+
+
 class Health(BaseModel):
-    status: Literal["ok", "loading", "unavailable"] = Field(
+    status: Literal["ok", "loading", "degraded", "unavailable"] = Field(
         ...,
         description="'loading' while any encoder loads (also the full encoders loaded after /ready); "
         "'unavailable' when a served collection's model (or, with none served, the default model) could not "
-        "be loaded: 'error' says why",
+        "be loaded; 'degraded' while searches are answered but storage is not right: a damaged collection "
+        "(503 on its routes), a read-only data folder (writes 503), free space below the reserve (writes 507), "
+        "a write the disk failed. 'error' says why",
     )
     # the fields below status are left out for a caller without a key once keys are set
     model_loaded: bool | None = None
@@ -443,6 +458,7 @@ class Health(BaseModel):
     )
     default_model: DefaultModel | None = None
     gpu_memory: dict[str, int] | None = Field(None, description="allocated/reserved bytes on CUDA")
+    storage: StorageHealth | None = Field(None, description="the data folder: writable, free space and reserve")
     error: str | None = None
 
     model_config = ConfigDict(

@@ -24,6 +24,12 @@ its encoders load in the background from then on, and ``/ready`` says 503 until 
 another served collection uses the same model). A collection whose model cannot be loaded keeps ``/ready`` at
 503, with the reason, until it is fixed (each request to it tries again) or deleted.
 
+Storage faults (see ``storage.disk``): a damaged collection (its files cannot be opened as a collection) is listed
+as unavailable with the reason and holds back no other from ``/ready``; its routes answer 503, and each request
+tries to open it again, so a restored one is served without a restart. A read-only data folder serves searches and
+answers writes 503; a write that would leave less free space than the reserve answers 507. ``/health`` says
+``degraded`` while any of these lasts, or since a write the disk failed, until a write to that collection succeeds.
+
 >>> service = SearchService(settings)
 >>> service.start()                       # loads encoders in a background thread
 >>> service.readiness().ready
@@ -38,11 +44,13 @@ import ctypes
 import gc
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 
 from indexer.encoder import Encoder, OnnxQueryEncoder, configure_search_threads, encoder_precision_key
@@ -53,6 +61,7 @@ from search_api import schemas
 from search_api.batching import QueryBatcher
 from search_api.retrieval import Result, Retriever, SearchOptions, check_k, check_query, check_response_size
 from storage.collection import (
+    DB_FILE,
     Collection,
     Document,
     collection_dir,
@@ -60,12 +69,24 @@ from storage.collection import (
     list_collections,
     metadata_to_json,
 )
+from storage.disk import (
+    estimated_write_bytes,
+    folder_bytes,
+    read_only_error,
+    require_room,
+    require_space,
+    space,
+    storage_error,
+    writable,
+)
 from storage.errors import (
     ConflictError,
+    InsufficientStorageError,
     InvalidInputError,
     ModelLoadingError,
     NotFoundError,
     PayloadTooLargeError,
+    StorageUnavailableError,
 )
 from storage.sharding import ShardedCollection, create_collection, open_collection, refuse_sharded
 from storage.snapshots import (
@@ -105,7 +126,9 @@ class SearchService:
         self._lock = threading.RLock()
         self._ready = threading.Event()  # the start-up load is over
         self._load_error: Exception | None = None
-        self._unsaved: dict[str, int] = {}
+        self._unsaved: dict[str, int] = {}  # passages changed since the collection's last index checkpoint
+        self._damaged: dict[str, str] = {}  # collections under data_dir that cannot be opened, and why
+        self._faults: dict[str, str] = {}  # a collection's last write the disk failed, until one succeeds
         self._observe_encode = observe_encode or (lambda seconds, texts: None)
         self._observe_batch_size = observe_batch_size or (lambda requests: None)
 
@@ -115,7 +138,10 @@ class SearchService:
         """Open every collection under data_dir and load their encoders (in a thread unless told otherwise)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for name in list_collections(self.data_dir):
-            self._collections[name] = open_collection(collection_dir(self.data_dir, name))
+            try:
+                self._collections[name] = open_collection(collection_dir(self.data_dir, name))
+            except Exception as exc:  # one damaged collection does not keep the others from being served
+                self._set_damaged(name, exc)
         if background:
             threading.Thread(target=self._load_all, name="encoder-loader", daemon=True).start()
         else:
@@ -171,7 +197,7 @@ class SearchService:
             self._batchers.clear()
             for name, collection in self._collections.items():
                 if self._unsaved.get(name):
-                    collection.checkpoint()
+                    self._checkpoint(collection)
                 collection.close()
             self._collections.clear()
 
@@ -380,7 +406,9 @@ class SearchService:
 
     def collection(self, name: str) -> Collection:
         """The served collection ``name``; one that another process (the CLI's ingest or restore) created under
-        data_dir since the server started is opened and served from now on."""
+        data_dir since the server started is opened and served from now on. A damaged one (its files cannot be
+        opened) is a StorageUnavailableError (503) with the reason, opened again at each request until it can be
+        (restored, or its permissions fixed)."""
         path = collection_dir(self.data_dir, name)  # a malformed name is a 400, not a 404
         with self._lock:
             collection = self._collections.get(name)
@@ -397,8 +425,15 @@ class SearchService:
         with self._lock:
             if name in self._deleting or not is_collection(path):
                 return None
-        opened = open_collection(path)
+        try:
+            opened = open_collection(path)
+        except NotFoundError:  # removed meanwhile
+            return None
+        except Exception as exc:
+            reason = self._set_damaged(name, exc)
+            raise StorageUnavailableError(f"collection {name} is unavailable: {reason}") from exc
         with self._lock:
+            self._damaged.pop(name, None)
             served = self._collections.setdefault(name, opened) if name not in self._deleting else None
         if served is not opened:
             opened.close()
@@ -407,6 +442,42 @@ class SearchService:
             self._load_later(served)
         return served
 
+    def _set_damaged(self, name: str, exc: Exception) -> str:
+        """Record that collection ``name`` cannot be opened (for /health, /ready and its requests); the reason."""
+        reason = str(storage_error(exc, self.data_dir) or exc)
+        with self._lock:
+            known, self._damaged[name] = self._damaged.get(name), reason
+        if reason != known:  # once, not at every request that tries it again
+            log.error("collection %s is not served: %s", name, reason)
+        return reason
+
+    def _damaged_now(self) -> dict[str, str]:
+        """The damaged collections still on disk (one moved aside or deleted is no longer listed)."""
+        with self._lock:
+            damaged = dict(self._damaged)
+        return {name: reason for name, reason in damaged.items() if is_collection(collection_dir(self.data_dir, name))}
+
+    @contextmanager
+    def _storage_faults(self, collection: str | None = None) -> Iterator[None]:
+        """Turn a failed read or write of the disk into its domain error (507 out of space, 503 otherwise, never a
+        500); with ``collection``, /health reports the failure until a write to it succeeds."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as exc:
+            error = storage_error(exc, self.data_dir)
+            if error is None:
+                raise
+            if collection is not None and isinstance(error, (StorageUnavailableError, InsufficientStorageError)):
+                with self._lock:
+                    self._faults[collection] = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {error}"
+            raise error from exc
+        if collection is not None:
+            with self._lock:
+                self._faults.pop(collection, None)
+
+    def _require_space(self, write_bytes: int = 0) -> None:
+        require_space(self.data_dir, self.settings.storage.reserve_bytes, write_bytes)
+
     def collections(self) -> list[schemas.CollectionInfo]:
         for name in list_collections(self.data_dir):
             with self._lock:
@@ -414,7 +485,7 @@ class SearchService:
             if not known:
                 try:
                     self._open_new(name, collection_dir(self.data_dir, name))
-                except Exception as exc:  # one unreadable collection does not hide the others
+                except Exception as exc:  # one unreadable collection does not hide the others (/health names it)
                     log.warning("not listing collection %s, which could not be opened: %s", name, exc)
         with self._lock:
             opened = list(self._collections.values())
@@ -447,6 +518,9 @@ class SearchService:
                 f"model {request.model!r} is not a profile ({', '.join(MODEL_PROFILES)}); loading model folders "
                 "over HTTP (with trust_remote_code) needs server.allow_model_paths: true"
             )
+        if not writable(self.data_dir):
+            raise read_only_error(self.data_dir)
+        self._require_space()
         default = self._default  # None once released under server.max_loaded_encoders
         if default is not None and self._default_request(default, request.model, request.dim, request.prompt_type):
             encoder = default
@@ -458,7 +532,8 @@ class SearchService:
         with self._lock:
             if request.name in self._collections:
                 raise ConflictError(f"collection {request.name!r} already exists")
-            collection = create_collection(path, encoder.manifest(), request.shards)
+            with self._storage_faults():
+                collection = create_collection(path, encoder.manifest(), request.shards)
             self._collections[request.name] = collection
             key = self._manifest_key(collection)
             self._writers.setdefault(key, encoder)
@@ -474,7 +549,10 @@ class SearchService:
         refuse_sharded(collection.path, "snapshot")
         label = snapshot_name(name)
         root = snapshot_dir(self.settings)
-        info = take_snapshot(collection, root / label)
+        reserve = self.settings.storage.reserve_bytes
+        with self._storage_faults():
+            require_room(root, folder_bytes(collection.path), f"a snapshot of {name}", self.data_dir, reserve)
+            info = take_snapshot(collection, root / label)
         try:
             pruned = prune_snapshots(root, self.settings.snapshot_keep, collection=name)
         except OSError as exc:  # the snapshot is taken; an old one left behind is no reason to fail the request
@@ -510,8 +588,13 @@ class SearchService:
                     f"collection {request.collection!r} exists; restore into a new name (replacing a served "
                     "collection needs the CLI with the server stopped)"
                 )
-        restore_snapshot(source, target)  # slow (checksums, verification): not under the service lock
-        collection = Collection.open(target)
+        if not writable(self.data_dir):
+            raise read_only_error(self.data_dir)
+        reserve = self.settings.storage.reserve_bytes
+        with self._storage_faults():
+            require_room(self.data_dir, folder_bytes(source), f"restoring {request.snapshot}", self.data_dir, reserve)
+            restore_snapshot(source, target)  # slow (checksums, verification): not under the service lock
+            collection = Collection.open(target)
         with self._lock:  # a request may have opened it on demand meanwhile: serve one copy
             served = self._collections.setdefault(request.collection, collection)
         if served is not collection:
@@ -532,10 +615,12 @@ class SearchService:
                 with self._lock:
                     del self._collections[name]
                     self._unsaved.pop(name, None)
+                    self._faults.pop(name, None)
                 # requests already running finish on their open connections (unlinked files stay readable);
                 # new ones get a 404
                 collection.retire()
-                shutil.rmtree(collection.path)
+                with self._storage_faults():
+                    shutil.rmtree(collection.path)
         finally:
             with self._lock:
                 self._deleting.discard(name)
@@ -636,11 +721,12 @@ class SearchService:
                     "(server.max_document_chars): split it into several documents"
                 )
         collection = self.collection(name)
+        self._require_space(estimated_write_bytes(sum(len(d.text) + len(d.title or "") for d in documents), 0, 0))
         encoder = self._writer_for(collection)
         started = time.perf_counter()
         # classify, encode and commit under the writer lock, so a concurrent upsert of the same ids cannot change
         # what "unchanged" meant between the two; searches are not blocked by it
-        with collection.writing(WRITE_WAIT_S):
+        with self._storage_faults(name), collection.writing(WRITE_WAIT_S):
             report = ingest_documents(
                 collection,
                 encoder,
@@ -676,7 +762,9 @@ class SearchService:
 
     def delete(self, name: str, document_id: str) -> None:
         collection = self.collection(name)
-        if collection.delete([document_id]) == 0:
+        with self._storage_faults(name):
+            deleted = collection.delete([document_id])
+        if deleted == 0:
             raise NotFoundError(f"no document with id {document_id!r} in collection {name}")
         self._after_write(collection, 1)
 
@@ -684,32 +772,46 @@ class SearchService:
         if not request.ids and request.filter is None:
             raise InvalidInputError("name the documents to delete: 'ids', a metadata 'filter', or both")
         collection = self.collection(name)
-        deleted = collection.delete(request.ids, where=request.filter)
+        with self._storage_faults(name):
+            deleted = collection.delete(request.ids, where=request.filter)
         self._after_write(collection, deleted)
         return schemas.DeleteResponse(deleted=deleted)
 
     def _after_write(self, collection: Collection, changed: int) -> None:
+        """Checkpoint the index file each time another CHECKPOINT_AFTER_PASSAGES passages changed. The write is
+        committed: a checkpoint that fails (a full disk) is logged and tried again at the next one or at shutdown,
+        and never turns the write's answer into an error."""
         with self._lock:
-            self._unsaved[collection.name] = self._unsaved.get(collection.name, 0) + changed
-            due = self._unsaved[collection.name] >= CHECKPOINT_AFTER_PASSAGES
-            if due:
-                self._unsaved[collection.name] = 0
-        if due:
-            collection.checkpoint()
+            before = self._unsaved.get(collection.name, 0)
+            self._unsaved[collection.name] = unsaved = before + changed
+        if unsaved // CHECKPOINT_AFTER_PASSAGES > before // CHECKPOINT_AFTER_PASSAGES and self._checkpoint(collection):
+            with self._lock:  # passages written meanwhile may not be in the file: they stay counted
+                self._unsaved[collection.name] = max(0, self._unsaved.get(collection.name, 0) - unsaved)
+
+    @staticmethod
+    def _checkpoint(collection: Collection) -> bool:
+        """``collection.checkpoint()``, whose failure is logged, never raised (SQLite holds every vector)."""
+        try:
+            return collection.checkpoint()
+        except Exception:
+            log.exception("index checkpoint of %s failed; SQLite holds every vector, a later one writes it", collection)
+            return False
 
     # -- health ------------------------------------------------------------------------------------------
 
     def readiness(self) -> schemas.Readiness:
-        """Whether every served collection can be searched and written to (see the module's docstring).
+        """Whether every served collection can be searched and written to (see the module's docstring). A damaged
+        collection (its files cannot be opened) is listed as unavailable with the reason, and holds back no other:
+        the server is ready for the collections it can serve.
 
         >>> service.readiness().model_dump()
         {'ready': True, 'status': 'ready', 'collections': {'default': {...}}, 'default_model': {...}}
         """
         with self._lock:
             opened = dict(self._collections)
-        return self._readiness(opened)
+        return self._readiness(opened, self._damaged_now())
 
-    def _readiness(self, opened: dict[str, Collection]) -> schemas.Readiness:
+    def _readiness(self, opened: dict[str, Collection], damaged: dict[str, str]) -> schemas.Readiness:
         states = {name: self._encoder_state(c) for name, c in opened.items()}
         if not self._ready.is_set() or any(s.state == "loading" for s in states.values()):
             status = "loading"
@@ -717,17 +819,22 @@ class SearchService:
             status = "unavailable"
         else:
             status = "ready"
+        for name, reason in damaged.items():
+            states[name] = schemas.CollectionState(state="unavailable", writes="unavailable", reason=reason)
         return schemas.Readiness(
             ready=status == "ready", status=status, collections=states, default_model=self._default_model
         )
 
     def health(self) -> schemas.Health:
-        """Liveness and the state of every part: each collection's counts and encoders, the default model."""
+        """Liveness and the state of every part: each collection's counts and encoders, the default model, and the
+        data folder's storage (``degraded``: a damaged collection, a read-only folder, free space below the reserve,
+        or a write the disk failed)."""
         with self._lock:
             encoders = list(self._encoders.values())
             opened = dict(self._collections)
             loading = bool(self._loads)
-        readiness = self._readiness(opened)
+        damaged = self._damaged_now()
+        readiness = self._readiness(opened, damaged)
         states = readiness.collections
         device = encoders[0].device if encoders else self.settings.processing.device
         gpu = None
@@ -739,12 +846,17 @@ class SearchService:
                     "allocated_bytes": torch.cuda.memory_allocated(),
                     "reserved_bytes": torch.cuda.memory_reserved(),
                 }
-        reasons = [f"collection {name}: {s.reason}" for name, s in states.items() if s.reason]
+        reasons = [f"collection {name}: {states[name].reason}" for name in opened if states[name].reason]
         if not opened and self._load_error is not None:  # nothing served, and the default model failed
             reasons.append(str(self._load_error))
+        storage, storage_reasons = self._storage_health(opened, damaged)
+        collections = {n: {**self._counts(n, c, storage_reasons), **states[n].model_dump()} for n, c in opened.items()}
+        collections.update({n: states[n].model_dump() for n in damaged})
         if reasons and not (readiness.status == "loading" or loading):
             status = "unavailable"
-        elif readiness.status != "ready" or loading or any(s.writes != "ready" for s in states.values()):
+        elif storage_reasons:
+            status = "degraded"
+        elif readiness.status != "ready" or loading or any(states[n].writes != "ready" for n in opened):
             status = "loading"  # also while the full encoders load in the background after start-up
         else:
             status = "ok"
@@ -753,11 +865,55 @@ class SearchService:
             model_loaded=bool(encoders) and self._ready.is_set(),
             models=sorted({f"{e.profile.name} ({e.head.label}, {e.prompt_type})" for e in encoders}),
             device=device,
-            collections={n: {**_collection_health(c), **states[n].model_dump()} for n, c in opened.items()},
+            collections=collections,
             default_model=readiness.default_model,
             gpu_memory=gpu,
-            error="; ".join(reasons) or None,
+            storage=storage,
+            error="; ".join(reasons + storage_reasons) or None,
         )
+
+    def _storage_health(
+        self, opened: dict[str, Collection], damaged: dict[str, str]
+    ) -> tuple[schemas.StorageHealth, list[str]]:
+        """The data folder's storage for /health, and what degrades it: damaged collections, a folder that cannot
+        be written, free space below the reserve, a collection's last write that the disk failed."""
+        reasons = [f"collection {name} cannot be opened: {reason}" for name, reason in damaged.items()]
+        parts = [shard for c in opened.values() for shard in (c.shards if isinstance(c, ShardedCollection) else [c])]
+        local = [part for part in parts if isinstance(part, Collection)]  # not the shards a Ray deployment serves
+        folders = [self.data_dir] + [shard.path for shard in local]
+        read_only = next((f for f in folders if not writable(f, [f / DB_FILE])), None)
+        if read_only is not None:
+            reasons.append(str(read_only_error(read_only)))
+        for shard in local:
+            try:
+                shard.check_files()
+            except StorageUnavailableError as exc:
+                reasons.append(str(exc))
+        found = space(self.data_dir, self.settings.storage.reserve_bytes)
+        if found.short:
+            reasons.append(f"{found.describe()}: writes are refused (507) until space is freed")
+        with self._lock:
+            faults = dict(self._faults)
+        reasons += [f"collection {name}: a write failed at {fault}" for name, fault in faults.items()]
+        storage = schemas.StorageHealth(
+            data_dir=str(self.data_dir),
+            writable=read_only is None,
+            free_bytes=found.free,
+            required_free_bytes=found.required,
+            reserve_bytes=found.reserve,
+        )
+        return storage, reasons
+
+    def _counts(self, name: str, collection: Collection, reasons: list[str]) -> dict:
+        """The collection's counts for /health; a disk that fails to answer is one more reason, not a 500."""
+        try:
+            return _collection_health(collection)
+        except (OSError, sqlite3.Error) as exc:
+            error = storage_error(exc, self.data_dir)
+            if error is None:
+                raise
+            reasons.append(f"collection {name}: {error}")
+            return {"status": "unavailable"}
 
 
 def _collection_health(c: Collection | ShardedCollection) -> dict:

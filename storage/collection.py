@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import sqlite_utils
 
+from storage.disk import read_only_error, storage_error, writable
 from storage.errors import (
     CollectionBusyError,
     CollectionExistsError,
@@ -43,6 +44,7 @@ from storage.errors import (
     InvalidInputError,
     ModelMismatchError,
     NotFoundError,
+    StorageUnavailableError,
 )
 from storage.filters import KEY, compile_filter
 from storage.inputs import READABLE_METADATA_DEPTH, MetadataLimits, json_depth, lone_surrogate
@@ -242,6 +244,15 @@ def _json_dict(value) -> dict:
     return json.loads(value) if value else {}
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None where it does not exist."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -346,6 +357,7 @@ class Collection:
         self._index: VectorIndex
         self.exact_fallback_searches = 0  # approximate searches that came back short and were answered exactly
         self._stamp: Stamp
+        self._db_identity: tuple[int, int] | None = None  # (device, inode) of the database file opened
 
     # -- opening -------------------------------------------------------------------------------------------
 
@@ -387,6 +399,7 @@ class Collection:
 
     @classmethod
     def _initialise(cls, path: Path, manifest: Manifest, first_passage_id: int = 1) -> None:
+        sqlite3.connect(path / DB_FILE).close()  # the one place a database file is created
         collection = cls(path, manifest, use_gpu=False)
         with collection.connection() as db, db.atomic():
             db.execute(
@@ -439,8 +452,12 @@ class Collection:
         try:
             with probe.connection() as db:
                 rows = list(db["manifest"].rows)
+                stored_bytes = db.execute("SELECT length(vector) FROM passages LIMIT 1").fetchone()
         except sqlite3.DatabaseError as exc:
             probe.close()
+            error = storage_error(exc, path)
+            if error is not None and not isinstance(error, CorruptCollectionError):
+                raise error from exc  # a full or failing disk, a permission, a lock held elsewhere: not the file
             raise CorruptCollectionError(
                 f"{path / DB_FILE} cannot be read as a collection database ({exc}); it was left untouched. "
                 "Restore it from a snapshot or move it aside and re-ingest."
@@ -448,10 +465,18 @@ class Collection:
         if len(rows) != 1:
             probe.close()
             raise CorruptCollectionError(f"{path / DB_FILE} has {len(rows)} manifest rows, expected 1")
+        probe._db_identity = _identity(path / DB_FILE)
         known = {f.name for f in fields(Manifest)}
         stored = {k: v for k, v in rows[0].items() if k in known}
         stored.update(normalized=bool(stored["normalized"]), index_params=_json_dict(stored.get("index_params")))
         probe.manifest = Manifest(**stored)
+        if stored_bytes is not None and stored_bytes[0] != 4 * probe.manifest.dim:
+            probe.close()
+            raise CorruptCollectionError(
+                f"{path / DB_FILE} holds {stored_bytes[0]}-byte passage vectors, but its manifest says "
+                f"{probe.manifest.dim} dimensions ({4 * probe.manifest.dim} bytes); it was left untouched. Restore it "
+                "from a snapshot or move it aside and re-ingest."
+            )
         return probe
 
     @classmethod
@@ -661,11 +686,12 @@ class Collection:
                     self._index.add(self._vectors([r[1] for r in rows]), np.array([r[0] for r in rows]))
                 self._stamp = self._index.stamp(max_id, max_seq)
 
-    def checkpoint(self) -> None:
-        """Write the FAISS index to disk, stamped with what it contains.
+    def checkpoint(self) -> bool:
+        """Write the FAISS index to disk, stamped with what it contains; whether it was written.
 
         Under the writer lock, so two processes never interleave the two files; skipped when another process
-        is writing (the checkpoint only saves replay time: SQLite already holds everything).
+        is writing, and given up with a warning when the disk refuses it (out of space, read-only, an I/O error):
+        the checkpoint only saves replay time, SQLite already holds everything, and a later one writes it.
         """
         try:
             with self._writer.hold(wait=0):
@@ -674,6 +700,18 @@ class Collection:
                     self._stamp = self._index.save(self.path, self._stamp)
         except CollectionBusyError:
             log.debug("checkpoint of %s skipped: another process is writing it", self.path)
+            return False
+        except (OSError, sqlite3.Error) as exc:
+            error = storage_error(exc, self.path.parent)
+            if error is None:
+                raise
+            log.warning(
+                "index checkpoint of %s not written (SQLite holds every vector; a later checkpoint writes it): %s",
+                self.path,
+                error,
+            )
+            return False
+        return True
 
     @_operation
     def _follow_index_change(self) -> None:
@@ -724,7 +762,11 @@ class Collection:
             if borrowed is None:
                 if self._closed:
                     raise NotFoundError(f"collection {self.path.name} was closed or deleted")
-                borrowed = self._borrowed[thread] = [self._idle.pop() if self._idle else None, 0]
+                idle = self._idle.pop() if self._idle else None
+                if idle is not None and idle.read_only and self.writable:
+                    idle.conn.close()  # writable again: a read-only connection would miss other writers' WAL
+                    idle = None
+                borrowed = self._borrowed[thread] = [idle, 0]
             borrowed[1] += 1
         try:
             if borrowed[0] is None:
@@ -745,11 +787,45 @@ class Collection:
                 db.conn.close()
 
     def _connect(self) -> sqlite_utils.Database:
-        conn = sqlite3.connect(self.path / DB_FILE, timeout=30, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        read_only = not self.writable
+        if read_only:
+            conn = self._connect_read_only()
+        else:
+            # mode=rw: a database file removed underneath is an error, not a new empty database
+            uri = (self.path / DB_FILE).absolute().as_uri() + "?mode=rw"
+            conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        return sqlite_utils.Database(conn)
+        db = sqlite_utils.Database(conn)
+        db.read_only = read_only  # a connection of a read-only folder is not reused once it is writable
+        return db
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A connection to the database of a folder this process cannot write: through its WAL where one is
+        left, else as an immutable file (SQLite cannot open a WAL database read-only without its -wal and -shm
+        files, which a clean shutdown removes, and nothing can change it while nothing can write the folder)."""
+        db_file = (self.path / DB_FILE).absolute()
+        with_wal = all(Path(f"{db_file}{suffix}").exists() for suffix in ("-wal", "-shm"))
+        uri = db_file.as_uri() + ("?mode=ro" if with_wal else "?immutable=1")
+        return sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+
+    def check_files(self) -> None:
+        """Refuse (StorageUnavailableError) when the database file opened was removed or replaced since: a write
+        would land in a file that is no longer in the data folder."""
+        if self._db_identity is None or _identity(self.path / DB_FILE) == self._db_identity:
+            return
+        what = "removed" if not (self.path / DB_FILE).exists() else "replaced"
+        raise StorageUnavailableError(
+            f"{self.path / DB_FILE} was {what} while collection {self.name} was open: writes are refused so that none "
+            "lands in a file that is no longer in the data folder; restart the server to serve what is there now"
+        )
+
+    @property
+    def writable(self) -> bool:
+        """Whether this process can write the collection's folder and database (False: a read-only data folder,
+        whose searches are answered and writes refused)."""
+        return writable(self.path, [self.path / DB_FILE])
 
     def retire(self) -> None:
         """Refuse new reads and writes; requests already running finish on their open connections."""
@@ -773,8 +849,12 @@ class Collection:
     def writing(self, wait: float = 60.0) -> Iterator[None]:
         """Hold the collection's writer lock across several writes (an ingest run), waiting up to ``wait`` s.
 
-        Other processes' writers wait or fail with a message naming the holder; searches are not blocked.
+        Other processes' writers wait or fail with a message naming the holder; searches are not blocked. A folder
+        this process cannot write refuses it (StorageUnavailableError: the data folder is read-only).
         """
+        self.check_files()
+        if not self.writable:
+            raise read_only_error(self.path)
         with self._writer.hold(wait):
             self._follow_index_change()
             self._replay()

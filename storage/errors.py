@@ -63,7 +63,19 @@ class ShardUnavailableError(StellaSearchError):
 
 
 class CorruptCollectionError(StellaSearchError):
-    """A collection's SQLite file cannot be read; it is left untouched for the operator (HTTP 500)."""
+    """A collection's files cannot be read as a collection (not a database, vectors of another dimension than its
+    manifest); they are left untouched for the operator, and the message says how to recover (HTTP 503)."""
+
+
+class StorageUnavailableError(StellaSearchError):
+    """The data folder cannot be written (read-only, a permission) or a file in it failed to read or write (an I/O
+    error, a file removed underneath): unlike CorruptCollectionError it says nothing against the data, and the
+    message says what failed (HTTP 503)."""
+
+
+class InsufficientStorageError(StellaSearchError):
+    """A write refused, or failed, for lack of space: the message names the data folder and its free space
+    (HTTP 507)."""
 
 
 class FaissNotInstalledError(StellaSearchError, ImportError):

@@ -400,9 +400,9 @@ class ShardedCollection:
         reports = [shard.optimize(index, recall=recall, wait=wait, queries=queries) for shard in self.shards]
         return {"name": self.name, "shards": reports}
 
-    def checkpoint(self) -> None:
-        for shard in self.shards:  # in this thread: it may hold every shard's writer lock already
-            shard.checkpoint()
+    def checkpoint(self) -> bool:
+        # in this thread: it may hold every shard's writer lock already
+        return all([shard.checkpoint() for shard in self.shards])
 
     def retire(self) -> None:
         self._each(lambda s: s.retire())
