@@ -422,11 +422,22 @@ def run(args: argparse.Namespace, data_dir: Path, log_path: Path) -> dict:
             f"{sum(len(c.present()) for c in clients)} documents present, lost {lost}",
             file=sys.stderr,
         )
+        save(args.out, report(args, clients, checker, kills, time.monotonic() - started, finished=False))
     server.stop()
-    return report(args, clients, checker, kills, time.monotonic() - started)
+    return report(args, clients, checker, kills, time.monotonic() - started, finished=True)
 
 
-def report(args: argparse.Namespace, clients: list[Client], checker: Checker, kills: dict, seconds: float) -> dict:
+def save(out: Path, result: dict) -> None:
+    """Write the result atomically: a long run leaves its figures so far after every round."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def report(
+    args: argparse.Namespace, clients: list[Client], checker: Checker, kills: dict, seconds: float, finished: bool
+) -> dict:
     ops = {kind: sum(c.ops[kind] for c in clients) for kind in clients[0].ops}
     writes = {kind: sum(c.document_writes[kind] for c in clients) for kind in ("upserted", "deleted")}
     acknowledged = sum(writes.values())
@@ -465,6 +476,8 @@ def report(args: argparse.Namespace, clients: list[Client], checker: Checker, ki
         },
         "seconds": round(seconds, 1),
         "seed": args.seed,
+        "finished": finished,
+        "command": "python scripts/crasher.py " + " ".join(sys.argv[1:]),
     }
 
 
@@ -491,9 +504,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or Path(tmp) / "data"
         result = run(args, data_dir, Path(tmp) / "server.log")
-    result["command"] = "python scripts/crasher.py " + " ".join(sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "violations"}, indent=2))
     failed = result["lost"] or any(result["invariant_violations_by_kind"].values())
     return 1 if failed else 0
