@@ -497,13 +497,13 @@ def main() -> int:
     parser.add_argument("--documents", type=int, default=400, help="about how many documents the clients keep")
     parser.add_argument("--k", type=int, default=10, help="depth of the self-searches")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--data-dir", type=Path, help="default: a temporary directory")
+    parser.add_argument("--data-dir", type=Path, help="kept, with the server's log beside it (default: temporary)")
     parser.add_argument("--out", type=Path, default=Path("scripts/results/crasher.json"))
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or Path(tmp) / "data"
-        result = run(args, data_dir, Path(tmp) / "server.log")
+        result = run(args, data_dir, data_dir.parent / "crasher-server.log")
     save(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "violations"}, indent=2))
     failed = result["lost"] or any(result["invariant_violations_by_kind"].values())
