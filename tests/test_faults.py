@@ -1,0 +1,115 @@
+"""I/O faults in the manner of SQLite's own I/O-error tests: the Nth file write, sync or rename of an upsert, an
+ingest, a snapshot and an optimize fails with ENOSPC (and the disk stays full until the fault is cleared) or with
+EIO (once), for N = 1, 2, ... up to the calls the operation makes.
+
+After each: the answer is a success or a clear error; a success is stored whole and an error leaves each batch
+wholly written or not at all; nothing acknowledged earlier is lost (by id, and by its own text in dense and in
+lexical search); the vector and full-text indexes hold exactly SQLite's passages; the collection opens; nothing
+temporary is left; and the same operation succeeds once the fault is cleared (scripts/faults.py has the details).
+The C shim is compiled here; no root and no special filesystem are needed.
+
+The upsert sweeps try every N; the CLI sweeps try every CLI_EVERY-th N, ENOSPC from N=1 and EIO from N=2, so that
+each call number is failed by one of the two. `python scripts/faults.py` tries every N of every operation under
+four faults (ENOSPC and EIO, once and persistent).
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from faults import OPERATIONS, SUITE_FAULTS, Bench, Shim, Sweep, compile_shim
+
+from conftest import cpu_settings
+
+CLI_EVERY = 2
+DOCUMENTS = {"optimize": 110}  # HNSW32 needs 100 passages to be tuned; the other sweeps start from 20 documents
+
+
+@pytest.fixture(scope="session")
+def shim_library(tmp_path_factory) -> Path:
+    try:
+        return compile_shim(tmp_path_factory.mktemp("shim"))
+    except RuntimeError as exc:
+        pytest.fail(f"the fault-injection tests need the C shim: {exc}")
+
+
+def test_without_a_compiler_the_shim_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        compile_shim(tmp_path)
+
+
+CHILD = """
+import os, sqlite3, sys
+disk, elsewhere = sys.argv[1], sys.argv[2]
+def attempt(what, call):
+    try:
+        call()
+        print(what, "ok")
+    except OSError as exc:
+        print(what, "errno", exc.errno)
+    except sqlite3.OperationalError as exc:
+        print(what, "sqlite", exc)
+def write(path):
+    with open(path, "wb") as f:
+        f.write(b"x")
+attempt("outside", lambda: write(os.path.join(elsewhere, "f")))
+attempt("first", lambda: write(os.path.join(disk, "a")))
+attempt("second", lambda: write(os.path.join(disk, "b")))
+attempt("rename", lambda: os.rename(os.path.join(disk, "a"), os.path.join(disk, "c")))
+conn = sqlite3.connect(os.path.join(disk, "x.db"))
+attempt("sqlite", lambda: conn.execute("CREATE TABLE t (x)"))
+"""
+
+
+@pytest.mark.parametrize(("at", "persistent", "expected"), [
+    (2, False, ["outside ok", "first ok", "second errno 28", "rename ok", "sqlite ok"]),
+    (3, True, ["outside ok", "first ok", "second ok", "rename errno 28", "sqlite sqlite database or disk is full"]),
+])  # fmt: skip
+def test_the_shim_fails_the_nth_call_under_its_folder_only(shim_library, tmp_path, at, persistent, expected):
+    disk, elsewhere, harness = tmp_path / "disk", tmp_path / "elsewhere", tmp_path / "harness"
+    for folder in (disk, elsewhere, harness):
+        folder.mkdir()
+    shim = Shim(shim_library, disk, harness)
+    shim.arm(at, errno.ENOSPC, persistent)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(disk), str(elsewhere)], env=shim.environment(), capture_output=True, text=True
+    )
+    assert child.stdout.splitlines() == expected, child.stderr
+    calls, fired = shim.counted()
+    assert fired == at and calls > at  # SQLite's journal writes and syncs are counted too
+
+
+def test_a_disarmed_shim_counts_nothing(shim_library, tmp_path):
+    disk, harness = tmp_path / "disk", tmp_path / "harness"
+    disk.mkdir()
+    harness.mkdir()
+    shim = Shim(shim_library, disk, harness)
+    subprocess.run([sys.executable, "-c", CHILD, str(disk), str(tmp_path)], env=shim.environment(), check=True)
+    assert shim.counted() == (0, 0) and (disk / "c").exists()
+
+
+@pytest.fixture(scope="module", params=OPERATIONS)
+def sweeps(request, shim_library, minilm, tmp_path_factory) -> list[Sweep]:
+    operation = request.param
+    bench = Bench(
+        tmp_path_factory.mktemp(operation), minilm, cpu_settings(), DOCUMENTS.get(operation, 20), shim_library
+    )
+    return bench.run(operation, SUITE_FAULTS, every=1 if operation == "upsert" else CLI_EVERY)
+
+
+def test_faults_lose_nothing_acknowledged_and_the_next_operation_succeeds(sweeps):
+    for result in sweeps:
+        assert result.calls >= 4 and result.errors > 0, result.summary()  # the faults were reached and mattered
+        assert result.data_problems == [], "\n".join(result.data_problems[:20])
+        assert result.recovery_problems == [], "\n".join(result.recovery_problems[:20])
+
+
+def test_faults_are_answered_by_a_success_or_a_clear_error(sweeps):
+    for result in sweeps:
+        assert result.answer_problems == [], "\n".join(result.answer_problems[:20])
