@@ -591,7 +591,8 @@ class Collection:
         """Write the FAISS index to disk, stamped with what it contains.
 
         Under the writer lock, so two processes never interleave the two files; skipped when another process
-        is writing (the checkpoint only saves replay time: SQLite already holds everything).
+        is writing, and when the disk refuses it (full, failing, read-only: logged). The checkpoint only saves replay
+        time: SQLite already holds everything, so a write it follows stays acknowledged and a collection still opens.
         """
         try:
             with self._writer.hold(wait=0):
@@ -600,6 +601,13 @@ class Collection:
                     self._stamp = self._index.save(self.path, self._stamp)
         except CollectionBusyError:
             log.debug("checkpoint of %s skipped: another process is writing it", self.path)
+        except OSError as exc:
+            log.warning(
+                "could not write the index checkpoint of %s (%s); SQLite holds every write, and the next open "
+                "replays what the last checkpoint lacks",
+                self.path,
+                exc,
+            )
 
     def _follow_index_change(self) -> None:
         """Adopt the index another process's ``optimize`` installed: its manifest row no longer matches ours.

@@ -155,6 +155,21 @@ if step == "lock-note":
             outcome["after"] = "ok"
         except Exception as exc:
             outcome["after"] = type(exc).__name__
+elif step == "checkpoint":
+    with Collection.open(collection_path) as collection:
+        write(collection, "late")
+        arm(2, "write", persistent=True)  # from the index file's write on (the first is the lock holder's note)
+        collection.checkpoint()
+        shim.disarm()
+        outcome["checkpoint"] = "returned"
+elif step == "open-full-disk":
+    Path(collection_path, "index.json").unlink()  # a lost checkpoint: opening rebuilds the index from SQLite
+    served = sqlite3.connect(Path(collection_path, "collection.db"))  # as a server holding it open would
+    served.execute("SELECT count(*) FROM documents").fetchone()
+    arm(1, "write,sync,rename", persistent=True)
+    with Collection.open(collection_path) as collection:
+        outcome["opened"] = collection.count_passages()
+    shim.disarm()
 print(json.dumps(outcome))
 """
 
@@ -197,3 +212,16 @@ def test_a_failed_note_of_the_lock_holder_neither_fails_the_write_nor_keeps_the_
     outcome = _storage_child(shim_library, small_collection, "lock-note")
     assert outcome == {"during": "ok", "after": "ok"}
     assert _consistent(small_collection)["documents"] == 7
+
+
+def test_a_checkpoint_the_disk_refuses_leaves_the_write_acknowledged_and_no_temporary_file(
+    shim_library, small_collection
+):
+    assert _storage_child(shim_library, small_collection, "checkpoint") == {"checkpoint": "returned"}
+    assert sorted(p.name for p in small_collection.iterdir() if p.name.endswith(".tmp")) == []
+    assert _consistent(small_collection)["documents"] == 6
+
+
+def test_a_collection_whose_checkpoint_is_lost_opens_on_a_full_disk(shim_library, small_collection):
+    assert _storage_child(shim_library, small_collection, "open-full-disk") == {"opened": 5}
+    assert _consistent(small_collection) == {"documents": 5, "passages": 5}
