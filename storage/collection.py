@@ -114,6 +114,18 @@ EXACT_FILTER_MAX = 4096
 TUNING_QUERIES = 1000  # held-out passages per tuning run: recall@10 to about +-0.01
 TUNING_K = 10
 _READ_ATTEMPTS = 20
+# SQLite errors that say nothing about the file's content (a full or failing disk, permissions, a lock held
+# elsewhere): opening fails with them as they are, never as a damaged collection to be restored
+_NOT_THE_FILES_FAULT = {
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_PERM,
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+}
 
 
 def content_hash(title: str | None, text: str) -> str:
@@ -372,6 +384,8 @@ class Collection:
             rows = list(probe._db["manifest"].rows)
         except sqlite3.DatabaseError as exc:
             probe.close()
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _NOT_THE_FILES_FAULT:
+                raise
             raise CorruptCollectionError(
                 f"{path / DB_FILE} cannot be read as a collection database ({exc}); it was left untouched. "
                 "Restore it from a snapshot or move it aside and re-ingest."

@@ -170,6 +170,14 @@ elif step == "open-full-disk":
     with Collection.open(collection_path) as collection:
         outcome["opened"] = collection.count_passages()
     shim.disarm()
+elif step == "open-full-disk-alone":
+    arm(1, "write,sync,rename", persistent=True)  # SQLite cannot even make its shared-memory file
+    try:
+        Collection.open(collection_path)
+    except Exception as exc:
+        outcome["error"] = type(exc).__name__
+        outcome["says_restore"] = "Restore" in str(exc)
+    shim.disarm()
 print(json.dumps(outcome))
 """
 
@@ -224,4 +232,10 @@ def test_a_checkpoint_the_disk_refuses_leaves_the_write_acknowledged_and_no_temp
 
 def test_a_collection_whose_checkpoint_is_lost_opens_on_a_full_disk(shim_library, small_collection):
     assert _storage_child(shim_library, small_collection, "open-full-disk") == {"opened": 5}
+    assert _consistent(small_collection) == {"documents": 5, "passages": 5}
+
+
+def test_a_full_disk_is_not_reported_as_a_damaged_collection(shim_library, small_collection):
+    outcome = _storage_child(shim_library, small_collection, "open-full-disk-alone")
+    assert outcome == {"error": "OperationalError", "says_restore": False}
     assert _consistent(small_collection) == {"documents": 5, "passages": 5}
