@@ -4,8 +4,9 @@ A real `stella-search serve` process on a free 127.0.0.1 port. Several client th
 new documents, replaces its own documents and deletes them (by id, one by one, and by metadata filter), and records
 every operation the server acknowledged. Each client owns its documents, so what each one should find is exact
 however the threads interleave. At a random moment the server gets SIGKILL (or, in some rounds, SIGTERM and then
-SIGKILL a moment later, which can land during the shutdown's index checkpoint). After each restart every
-acknowledged document is checked, and each failure is counted by kind:
+SIGKILL a moment later, which can land during the shutdown's index checkpoint; with ``--aim-deletes``, a SIGKILL
+a moment after a delete's request is sent). After each restart every acknowledged document is checked, and each
+failure is counted by kind:
 
 - ``not_found``: an acknowledged upsert whose document the server does not return by id;
 - ``wrong_text``: returned by id, but with another text, title or metadata (an older version, say);
@@ -16,10 +17,11 @@ acknowledged document is checked, and each failure is counted by kind:
 
 A search for a document's own text that misses it in the unfiltered top ``--k`` but finds it with the filter is
 a ranking miss, counted apart (not a loss). An operation in flight at the kill may have landed or not: the checker
-accepts either and learns which, but it must have landed whole (``partial_write`` otherwise, for every document
-of it). The index must hold exactly the stored passages (``index_count``). The JSON result has the counts per
-kind, the kills and the operations, and the loss rate per acknowledged document write with a one-sided 95%
-Clopper-Pearson upper bound (about 3/N when nothing was lost in N writes). Bounded in kills and time.
+accepts either and learns which (counted per kind of operation: a delete answered by nobody may well have been
+applied), but it must have landed whole (``partial_write`` otherwise). The index must hold exactly the stored
+passages (``index_count``). The JSON result has the counts per kind, the kills and the operations, and the loss
+rate per acknowledged document write with a one-sided 95% Clopper-Pearson upper bound (about 3/N when nothing was
+lost in N writes). Bounded in kills and time.
 
     python scripts/crasher.py --kills 300 --clients 4 --out scripts/results/crasher.json
 """
@@ -122,12 +124,15 @@ class Client:
         self.expected: dict[str, tuple] = {}  # id -> ("present", title, text, metadata) | GONE
         self.uncertain: dict[str, list[tuple]] = {}  # id -> states it may be in after an unacknowledged op
         self.in_flight: list[str] = []  # the ids of the unacknowledged op: it must land whole or not at all
+        self.in_flight_kind = ""  # upsert or delete
         self.deleted_this_round: set[str] = set()
         self.ops = {"upsert": 0, "replace": 0, "delete_ids": 0, "delete_one": 0, "delete_filter": 0}
         self.in_flight_ops = 0
         self.document_writes = {"upserted": 0, "deleted": 0}
         self.unexpected: list[str] = []
         self.acknowledged = threading.Event()  # set by this round's first acknowledgement
+        self.aimed = threading.Event()  # asked to delete next, for a kill aimed at a delete
+        self.delete_sent = threading.Event()  # that delete's request is being sent
 
     def _excerpt(self) -> tuple[str | None, str]:
         title, text = self.excerpts[self.next_excerpt % len(self.excerpts)]
@@ -160,6 +165,8 @@ class Client:
         present = self.present()
         fill = len(present) / self.target
         roll = self.rng.random()
+        if self.aimed.is_set() and present:
+            roll = self.rng.choice([0.8, 0.88, 0.95] if fill < 1 else [0.6, 0.75, 0.9])  # one of the three deletes
         if len(present) < 3 or roll < (0.6 if fill < 1 else 0.2):
             docs = []
             for _ in range(self.rng.randint(1, self.batch)):
@@ -193,6 +200,9 @@ class Client:
         for doc_id, state in effects.items():
             self.uncertain[doc_id] = [self.expected.get(doc_id, GONE), state]
         self.in_flight = list(effects)
+        self.in_flight_kind = "delete" if kind.startswith("delete") else "upsert"
+        if self.in_flight_kind == "delete" and self.aimed.is_set():
+            self.delete_sent.set()
         try:
             response = http.request(method, path, json=body)
         except httpx.TransportError:  # the server died with this op in flight: it may or may not have landed
@@ -222,7 +232,7 @@ class Checker:
         self.invariants = dict.fromkeys(INVARIANT_KINDS, 0)
         self.ranking_misses = {"dense": 0, "lexical": 0}
         self.checks = {"documents": 0, "deleted_documents": 0, "dense_searches": 0, "lexical_searches": 0}
-        self.in_flight = {"landed": 0, "not_landed": 0}
+        self.in_flight = {kind: {"landed": 0, "not_landed": 0} for kind in ("upsert", "delete")}
         self.violations: list[str] = []
 
     def check(self, http: httpx.Client, clients: list[Client]) -> None:
@@ -280,7 +290,7 @@ class Checker:
         if landed and len(set(landed)) > 1:
             self._fail("partial_write", f"{client.owner}: an op in flight landed for some of {client.in_flight} only")
         if landed:
-            self.in_flight["landed" if any(landed) else "not_landed"] += 1
+            self.in_flight[client.in_flight_kind]["landed" if any(landed) else "not_landed"] += 1
         client.in_flight = []
 
     def _check_deleted(self, http: httpx.Client, client: Client) -> None:
@@ -391,7 +401,7 @@ def run(args: argparse.Namespace, data_dir: Path, log_path: Path) -> dict:
         for n in range(args.clients)
     ]
     checker = Checker(args.k, args.seed)
-    kills = {"sigkill": 0, "sigterm_then_sigkill": 0}
+    kills = {"sigkill": 0, "sigterm_then_sigkill": 0, "sigkill_aimed_at_a_delete": 0}
     server = Server(data_dir, log_path)
     server.start()
     httpx.post(f"{server.url}/collections", json={"name": "default", "model": "minilm"}).raise_for_status()
@@ -407,12 +417,23 @@ def run(args: argparse.Namespace, data_dir: Path, log_path: Path) -> dict:
         while not any(c.acknowledged.is_set() for c in clients) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(rng.uniform(args.min_run, args.max_run))
-        term = rng.random() < args.term_fraction
-        server.kill(term_first=rng.uniform(0.0, 1.0) if term else None)
-        kills["sigterm_then_sigkill" if term else "sigkill"] += 1
+        aimed = rng.choice(clients) if rng.random() < args.aim_deletes else None
+        if aimed is not None:  # the kill lands a moment after a delete's request is sent
+            aimed.delete_sent.clear()
+            aimed.aimed.set()
+            aimed.delete_sent.wait(timeout=120)
+            time.sleep(rng.uniform(0.0, args.aim_window))
+            server.kill()
+            kills["sigkill_aimed_at_a_delete"] += 1
+        else:
+            term = rng.random() < args.term_fraction
+            server.kill(term_first=rng.uniform(0.0, 1.0) if term else None)
+            kills["sigterm_then_sigkill" if term else "sigkill"] += 1
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
+        if aimed is not None:
+            aimed.aimed.clear()
         server.start()
         with httpx.Client(base_url=server.url, timeout=120) as http:
             checker.check(http, clients)
@@ -473,6 +494,8 @@ def report(
             "min_run": args.min_run,
             "max_run": args.max_run,
             "term_fraction": args.term_fraction,
+            "aim_deletes": args.aim_deletes,
+            "aim_window": args.aim_window,
         },
         "seconds": round(seconds, 1),
         "seed": args.seed,
@@ -493,6 +516,10 @@ def main() -> int:
         "--max-run", type=float, default=3.0, help="longest writing before a kill (after the first ack)"
     )
     parser.add_argument("--term-fraction", type=float, default=0.2, help="kills that are SIGTERM, then SIGKILL")
+    parser.add_argument(
+        "--aim-deletes", type=float, default=0.0, help="kills that land a moment after a delete's request is sent"
+    )
+    parser.add_argument("--aim-window", type=float, default=0.05, help="longest such moment, in seconds")
     parser.add_argument("--batch", type=int, default=8, help="most documents per upsert")
     parser.add_argument("--documents", type=int, default=400, help="about how many documents the clients keep")
     parser.add_argument("--k", type=int, default=10, help="depth of the self-searches")

@@ -36,6 +36,8 @@ def test_no_acknowledged_write_is_lost_across_sigkills(tmp_path):
             "1.5",
             "--max-seconds",
             "600",
+            "--aim-deletes",
+            "0.5",
             "--seed",
             "5",
             "--out",
@@ -48,6 +50,7 @@ def test_no_acknowledged_write_is_lost_across_sigkills(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "crasher.json").read_text())
     assert report["kills"] == 3 and report["lost"] == 0 and report["violations"] == []
+    assert report["sigkill"] + report["sigterm_then_sigkill"] + report["sigkill_aimed_at_a_delete"] == 3
     assert set(report["losses_by_kind"]) == set(LOSS_KINDS) and not any(report["losses_by_kind"].values())
     assert not any(report["invariant_violations_by_kind"].values())
     assert report["acknowledged_ops"] > 0 and report["checks"]["documents"] > 0
@@ -137,7 +140,7 @@ def test_an_operation_in_flight_may_land_or_not_but_only_whole(tmp_path):
             http.post("/collections/default/documents/delete", json={"ids": applied}).raise_for_status()
         for doc_id in ids:
             client.uncertain[doc_id] = [client.expected[doc_id], GONE]
-        client.in_flight = ids
+        client.in_flight, client.in_flight_kind = ids, "delete"
         checker.check(http, [client])
 
     with RunningServer(settings) as running, httpx.Client(base_url=running.url, timeout=120) as http:
@@ -147,7 +150,7 @@ def test_an_operation_in_flight_may_land_or_not_but_only_whole(tmp_path):
         first, second, third = (sorted(client.present())[i : i + 2] for i in (0, 2, 4))
         unanswered_delete(http, first, applied=first)
         unanswered_delete(http, second, applied=[])
-        assert checker.in_flight == {"landed": 1, "not_landed": 1}
+        assert checker.in_flight == {"upsert": {"landed": 0, "not_landed": 0}, "delete": {"landed": 1, "not_landed": 1}}
         assert not any(checker.invariants.values()), checker.violations
         unanswered_delete(http, third, applied=third[:1])  # torn: one document of the two
     assert checker.invariants["partial_write"] == 1 and not any(checker.losses.values()), checker.violations
