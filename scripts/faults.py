@@ -31,6 +31,7 @@ import errno as errno_codes
 import gc
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -493,7 +494,7 @@ class Upsert(Operation):
 
 
 class Ingest(Operation):
-    """A JSONL file of three new documents and a new version of an existing one, committed two at a time."""
+    """A JSONL file of a new version of an existing document and a new document, committed one at a time."""
 
     name = "ingest"
 
@@ -502,13 +503,13 @@ class Ingest(Operation):
         self.cli = cli
         self.file = harness / "ingest.jsonl"
         self.config = harness / "ingest.yaml"
-        self.config.write_text("ingest:\n  commit_documents: 2\n")
+        self.config.write_text("ingest:\n  commit_documents: 1\n")
 
     def prepare(self) -> None:
         replaced = sorted(self.ledger.expected)[self.ledger.next_id % len(self.ledger.expected)]
-        docs = [self.ledger.new(), self.ledger.revision(replaced), self.ledger.new(), self.ledger.new()]
+        docs = [self.ledger.revision(replaced), self.ledger.new()]
         self.file.write_text("".join(json.dumps(d.record()) + "\n" for d in docs))
-        self.ledger.propose([docs[:2], docs[2:]])
+        self.ledger.propose([docs[:1], docs[1:]])
 
     def run(self) -> dict:
         return self.cli.run(
@@ -525,12 +526,12 @@ class Snapshot(Operation):
     def __init__(self, disk: Path, ledger: Ledger, cli: Cli):
         super().__init__(disk, ledger)
         self.cli = cli
-        self.taken = 0
         self.destination = disk
 
     def prepare(self) -> None:
-        self.taken += 1
-        self.destination = self.disk / "snapshots" / f"snapshot-{self.taken}"
+        self.destination = next(
+            path for n in itertools.count(1) if not (path := self.disk / "snapshots" / f"snapshot-{n}").exists()
+        )
 
     def run(self) -> dict:
         return self.cli.run(
@@ -622,13 +623,16 @@ def sweep(
     verifier: Verifier,
     fault: str,
     every: int = 1,
-    first: int = 1,
+    first: float = 1,
     server: Server | None = None,
+    runs: int | None = None,
 ) -> Sweep:
     """Run ``operation`` with its Nth call failed by ``fault``; check each run and the unfaulted run after it.
 
     A counting run comes first (no fault: C calls). With ``every`` 1, N = 1, 2, ... until the operation makes fewer
     than N calls; else N = first, first + every, ... up to C, and the last three calls (where a write commits).
+    ``runs`` sets ``every`` to about C / runs, and ``first`` is then taken as a fraction of it (0 <= first < 1), so
+    that sweeps under several faults fail different calls.
     """
     code, persistent = FAULTS[fault]
     result = Sweep(operation.name, fault)
@@ -658,11 +662,14 @@ def sweep(
 
     answer, result.calls, _ = run(0)
     check(f"{fault} counting run", answer, armed=False)
+    if runs is not None:
+        every = max(1, math.ceil(result.calls / runs))
+        first = 1 + int(first * every)
     if every == 1:
         plan = itertools.count(1)
     else:
         tail = range(max(1, result.calls - 2), result.calls + 1)
-        plan = iter(sorted(set(range(first, result.calls + 1, every)) | set(tail)))
+        plan = iter(sorted(set(range(int(first), result.calls + 1, every)) | set(tail)))
     for n in plan:
         where = f"{fault} N={n}"
         answer, calls, fired = run(n)
@@ -715,15 +722,20 @@ class Bench:
         seed_collection(self.disk, self.ledger, self.encoder, self.settings, self.documents)
         (self.disk / "snapshots").mkdir()
 
-    def run(self, operation: str, faults: tuple[str, ...], every: int = 1) -> list[Sweep]:
-        """Sweep ``operation`` under each of ``faults``; the sweeps of one operation share the collection."""
+    def run(self, operation: str, faults: tuple[str, ...], every: int = 1, runs: int | None = None) -> list[Sweep]:
+        """Sweep ``operation`` under each of ``faults`` (every ``every``-th N, or about ``runs`` N spread over its
+        calls); the sweeps of one operation share the collection."""
+
+        def offset(number: int) -> float:
+            return number / len(faults) if runs else 1 + number % every
+
         sweeps = []
         if operation == "upsert":
             server = Server(self.shim, self.disk / "data", self.harness / "server.log")
             try:
                 for number, fault in enumerate(faults):
                     op = Upsert(self.disk, self.ledger, server)
-                    sweeps.append(sweep(op, self.shim, self.verifier, fault, every, 1 + number % every, server))
+                    sweeps.append(sweep(op, self.shim, self.verifier, fault, every, offset(number), server, runs))
             finally:
                 server.close()
             return sweeps
@@ -735,7 +747,7 @@ class Bench:
                     "snapshot": lambda: Snapshot(self.disk, self.ledger, cli),
                     "optimize": lambda: Optimize(self.disk, self.ledger, cli),
                 }[operation]()
-                sweeps.append(sweep(op, self.shim, self.verifier, fault, every, 1 + number % every))
+                sweeps.append(sweep(op, self.shim, self.verifier, fault, every, offset(number), runs=runs))
         finally:
             cli.close()
         return sweeps
@@ -749,6 +761,9 @@ def main() -> int:
     parser.add_argument("--operations", default=",".join(OPERATIONS), help=f"comma list of {', '.join(OPERATIONS)}")
     parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma list of {', '.join(FAULTS)}")
     parser.add_argument("--every", type=int, default=1, help="try every Nth call only (1: all)")
+    parser.add_argument(
+        "--runs", type=int, help="instead of --every: about this many N per sweep, spread over its calls"
+    )
     parser.add_argument("--documents", type=int, default=120, help="documents in the collection before the sweeps")
     parser.add_argument("--out", type=Path, default=Path("scripts/results/faults.json"))
     args = parser.parse_args()
@@ -764,7 +779,7 @@ def main() -> int:
         library = compile_shim(Path(tmp))
         for operation in args.operations.split(","):
             bench = Bench(Path(tmp) / operation, encoder, settings, args.documents, library)
-            for result in bench.run(operation, tuple(args.faults.split(",")), args.every):
+            for result in bench.run(operation, tuple(args.faults.split(",")), args.every, args.runs):
                 results.append(result.summary())
                 print(
                     f"{operation} {result.fault}: {result.calls} calls, {len(result.tried)} faulted runs "
@@ -776,6 +791,7 @@ def main() -> int:
     report = {
         "benchmark": "faults",
         "every": args.every,
+        "runs": args.runs,
         "documents": args.documents,
         "sweeps": results,
         "data_problems": sum(len(r["data_problems"]) for r in results),

@@ -8,9 +8,11 @@ lexical search); the vector and full-text indexes hold exactly SQLite's passages
 temporary is left; and the same operation succeeds once the fault is cleared (scripts/faults.py has the details).
 The C shim is compiled here; no root and no special filesystem are needed.
 
-The upsert sweeps try every N; the CLI sweeps try every CLI_EVERY-th N, ENOSPC from N=1 and EIO from N=2, so that
-each call number is failed by one of the two. `python scripts/faults.py` tries every N of every operation under
-four faults (ENOSPC and EIO, once and persistent).
+To stay within minutes, each sweep here tries about RUNS[operation] values of N spread evenly over the calls the
+operation makes (ENOSPC and EIO offset from each other, so they fail different calls), plus its last three calls,
+where a write commits; an upsert makes about 40 calls, an ingest of two one-document batches about 60, a snapshot
+about 150, an optimize about 25. `python scripts/faults.py` tries every N of every operation under four faults
+(ENOSPC and EIO, once and persistent) and writes scripts/results/faults.json.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from storage.collection import Collection, Document, Manifest, Passage
 
 from conftest import cpu_settings
 
-CLI_EVERY = 2
+RUNS = {"upsert": 10, "ingest": 4, "snapshot": 5, "optimize": 4}
 DOCUMENTS = {"optimize": 110}  # HNSW32 needs 100 passages to be tuned; the other sweeps start from 20 documents
 
 
@@ -103,7 +105,7 @@ def sweeps(request, shim_library, minilm, tmp_path_factory) -> list[Sweep]:
     bench = Bench(
         tmp_path_factory.mktemp(operation), minilm, cpu_settings(), DOCUMENTS.get(operation, 20), shim_library
     )
-    return bench.run(operation, SUITE_FAULTS, every=1 if operation == "upsert" else CLI_EVERY)
+    return bench.run(operation, SUITE_FAULTS, runs=RUNS[operation])
 
 
 def test_faults_lose_nothing_acknowledged_and_the_next_operation_succeeds(sweeps):
