@@ -251,6 +251,11 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return found.st_dev, found.st_ino
+def _disagreement(stored: np.ndarray, held: np.ndarray, index: str) -> dict[str, list[int]]:
+    """Passage ids of ``stored`` that ``index`` lacks, and those it holds that are not stored or are held twice."""
+    values, counts = np.unique(held, return_counts=True)
+    extra = np.union1d(np.setdiff1d(values, stored), values[counts > 1])
+    return {f"missing_from_{index}": np.setdiff1d(stored, held).tolist(), f"extra_in_{index}": extra.tolist()}
 
 
 def _now() -> str:
@@ -1268,6 +1273,31 @@ class Collection:
                 vectors = self._vectors([r[5] for r in stored]) if stored else np.zeros((0, self.dim), "float32")
                 yield documents, passages, vectors
                 last = rows[-1][0]
+
+    @_operation
+    def verify(self) -> dict[str, list[int]]:
+        """Where the vector index and the full-text index disagree with SQLite's passages, read in one snapshot: the
+        passage ids each index lacks and those it holds beyond them (twice-held ids count as extra). All empty when
+        the collection is consistent.
+
+        >>> collection.verify()
+        {'missing_from_vector_index': [], 'extra_in_vector_index': [], 'missing_from_text_index': [], ...}
+        """
+        for _ in range(_READ_ATTEMPTS):
+            db = self._db
+            with db.atomic():
+                marks = self._high_water_marks()
+                stored = np.fromiter((r[0] for r in db.execute("SELECT id FROM passages")), "int64")
+                in_text = np.fromiter((r[0] for r in db.execute("SELECT rowid FROM passages_fts")), "int64")
+                with self._view.read():
+                    if marks == (self._stamp.max_passage_id, self._stamp.deletion_seq):
+                        in_vectors = self._index.ids()
+                        return {
+                            **_disagreement(stored, in_vectors, "vector_index"),
+                            **_disagreement(stored, in_text, "text_index"),
+                        }
+            self._replay()
+        raise CollectionBusyError(f"collection {self.name} changed on every read attempt; retry the check")
 
     def health(self) -> dict:
         """Counts and placement, as shown by ``/health``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sys
 import threading
@@ -20,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from storage.errors import CollectionBusyError
+
+log = logging.getLogger(__name__)
 
 
 class ReadWriteLock:
@@ -100,7 +103,7 @@ class WriterLock:
             self._thread_lock.release()
 
     def _acquire(self, wait: float) -> None:
-        handle = open(self.path, "a+")
+        handle = open(self.path, "a+b", buffering=0)  # unbuffered: a failed note leaves nothing to flush at close
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -115,16 +118,17 @@ class WriterLock:
                         f"(the CLI's --wait SECONDS waits for it) and try again"
                     ) from None
                 time.sleep(0.05)
-        handle.seek(0)
-        handle.truncate()
+        self._file = handle
         info = {
             "pid": os.getpid(),
             "command": " ".join(os.path.basename(a) for a in sys.argv[:2]),
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        handle.write(json.dumps(info))
-        handle.flush()
-        self._file = handle
+        try:
+            handle.truncate(0)
+            handle.write(json.dumps(info).encode())
+        except OSError as exc:  # the note only names the holder for others' messages: not a reason to refuse the lock
+            log.warning("could not note the holder of %s (%s); holding it anyway", self.path, exc)
 
     def _release(self) -> None:
         handle, self._file = self._file, None

@@ -508,6 +508,27 @@ class VectorIndex:
             self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._cpu)
         return self._gpu
 
+    def ids(self) -> np.ndarray:
+        """The ids this index can return, sorted, tombstoned ones left out (an id held twice appears twice).
+
+        >>> index.ids().tolist()
+        [7, 9]
+        """
+        faiss = import_faiss()
+        with self._lock:
+            if self.family == "ivf":
+                lists = faiss.extract_index_ivf(self._cpu).invlists
+                held = [
+                    faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                    for i in range(lists.nlist)
+                    if lists.list_size(i)
+                ]
+                found = np.concatenate(held) if held else np.empty(0, "int64")
+            else:
+                found = faiss.vector_to_array(self._cpu.id_map)
+            found = found[~np.isin(found, self._tombstones)]
+        return np.sort(found.astype("int64"))
+
     def stamp(self, max_passage_id: int, deletion_seq: int) -> Stamp:
         """The stamp of this index once it holds every passage <= ``max_passage_id`` and deletion <= the seq."""
         with self._lock:

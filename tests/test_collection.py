@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -189,3 +190,25 @@ def test_the_faiss_thread_count_reaches_every_searching_thread():
     finally:
         vector_index._search_threads = configured
         faiss.omp_set_num_threads(before)
+
+
+def test_verify_finds_what_an_index_lacks_or_holds_twice(tmp_path):
+    manifest = Manifest(model="minilm", model_id="m", revision=None, dim=8, head="native")
+    vectors = np.random.default_rng(0).normal(size=(120, 8)).astype("float32")
+    with Collection.create(tmp_path / "c", manifest) as collection:
+        docs = [Document(f"d{i}", None, f"text number {i}") for i in range(120)]
+        collection.write(docs, [Passage(d.id, 0, d.text, 0, len(d.text)) for d in docs], vectors)
+        assert not any(collection.verify().values())
+        for index_type in ("HNSW32", "IVF4,Flat", "Flat"):
+            collection.optimize(index_type)
+            collection.delete(["d1"])
+            assert not any(collection.verify().values()), index_type
+            collection._index.remove([5])
+            collection._index.add(vectors[:1], np.array([7]))
+            assert collection.verify()["missing_from_vector_index"] == [5]
+            assert collection.verify()["extra_in_vector_index"] == [7]
+        conn = sqlite3.connect(tmp_path / "c" / "collection.db")
+        with conn:
+            conn.execute("DELETE FROM passages_fts WHERE rowid = 9")
+        conn.close()
+        assert collection.verify()["missing_from_text_index"] == [9]
