@@ -20,7 +20,7 @@ importing torch). For N = 1, 2, ... until the operation makes fewer than N calls
     python scripts/faults.py --out scripts/results/faults.json            # every N of every operation and fault
     python scripts/faults.py --operations upsert,ingest --every 3         # every third N
 
-The suite runs the same sweeps on a smaller corpus, every N for the server and sampled for the CLI
+The suite runs the same sweeps on a smaller corpus, with about ten values of N per sweep
 (tests/test_faults.py).
 """
 
@@ -347,7 +347,8 @@ class Verifier:
         with collection:
 
             def observe(doc_id: str) -> Doc | None:
-                rows = list(collection._db["documents"].rows_where("id = ?", [doc_id]))
+                with collection.connection() as db:
+                    rows = list(db["documents"].rows_where("id = ?", [doc_id]))
                 if not rows:
                     return None
                 return Doc(rows[0]["id"], rows[0]["title"], rows[0]["text"], json.loads(rows[0]["metadata"]))

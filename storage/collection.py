@@ -251,6 +251,8 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return found.st_dev, found.st_ino
+
+
 def _disagreement(stored: np.ndarray, held: np.ndarray, index: str) -> dict[str, list[int]]:
     """Passage ids of ``stored`` that ``index`` lacks, and those it holds that are not stored or are held twice."""
     values, counts = np.unique(held, return_counts=True)

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import sqlite3
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -521,6 +522,18 @@ def restore_snapshot(snapshot: Path, target: Path, replace: bool = False) -> dic
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+    return info
+
+
+def verify_snapshot(snapshot: Path) -> dict:
+    """Verify ``snapshot`` as a restore would (files, checksums, schema, integrity, vectors, the index) on a staged
+    copy in a temporary folder, removed after; returns its manifest. An :class:`InvalidSnapshotError` says what is
+    wrong. Nothing is installed."""
+    snapshot = Path(snapshot)
+    info = read_manifest(snapshot)
+    with tempfile.TemporaryDirectory(prefix="stella-verify-") as tmp:
+        _stage_files(snapshot, info, Path(tmp))
+        _verify_staged(snapshot, info, Path(tmp))
     return info
 
 

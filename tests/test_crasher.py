@@ -75,10 +75,10 @@ def _damage(collection_path: Path, present: list[str], deleted: str) -> dict[str
     with Collection.open(collection_path) as collection:
         # the vector index lacks one document's vectors yet holds as many as SQLite has passages, as a checkpoint
         # stamped ahead of what it contains would leave it
-        db = collection._db
-        passage_ids = [
-            r[0] for r in db.execute("SELECT id FROM passages WHERE document_id = ?", [victims["dense_missing"]])
-        ]
+        with collection.connection() as db:
+            passage_ids = [
+                r[0] for r in db.execute("SELECT id FROM passages WHERE document_id = ?", [victims["dense_missing"]])
+            ]
         collection._index.remove(passage_ids)
         bogus = np.arange(10**9, 10**9 + len(passage_ids))
         collection._index.add(np.ones((len(passage_ids), collection.dim), "float32"), bogus)
