@@ -506,8 +506,6 @@ def test_the_cli_page_shows_every_command_help():
     assert not missing, f"commands without their --help on docs/cli.md: {missing}"
 
 
-# Pages other branches of the project write; links to them are checked once they exist.
-WRITTEN_ELSEWHERE = {"docs/security.md"}
 LINK = re.compile(r"\]\((?!https?://)([^)#\s]*)(?:#([^)\s]*))?\)")
 
 
@@ -523,19 +521,11 @@ def test_every_link_between_the_pages_resolves():
         for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
             for target, anchor in LINK.findall(line):
                 path = (page.parent / target).resolve() if target else page
-                name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-                if name in WRITTEN_ELSEWHERE and not path.exists():
-                    continue
                 if not path.exists():
                     broken.append(f"{page.relative_to(ROOT)}:{number}: {target} does not exist")
                 elif anchor and path.suffix == ".md" and anchor not in anchors(path):
                     broken.append(f"{page.relative_to(ROOT)}:{number}: {target}#{anchor} has no such heading")
     assert not broken, "broken links:\n" + "\n".join(broken)
-
-
-def test_pages_written_elsewhere_are_still_missing():
-    arrived = [name for name in WRITTEN_ELSEWHERE if (ROOT / name).exists()]
-    assert not arrived, f"{arrived} exist now: remove them from WRITTEN_ELSEWHERE so their links are checked"
 
 
 # The documentation is for a user: no account of how it was written.
