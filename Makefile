@@ -25,8 +25,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# two workers, each taking whole test files (module fixtures such as a Ray cluster start once); TEST_WORKERS=0 runs
+# the suite in one process
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: install
 	$(VENV)/bin/ruff check indexer search_api storage scripts tests

@@ -51,7 +51,11 @@ def downgrade_to_schema_v1(collection_path: Path) -> None:
 def cache_dir(tmp_path_factory) -> Path:
     """One cache folder (ONNX exports, embedding cache) for the session, never the user's own: exported once,
     found by cpu_settings() and, through STELLA_SEARCH_CACHE_DIR, by the CLI and the processes tests start."""
-    path = tmp_path_factory.mktemp("cache")
+    root = tmp_path_factory.getbasetemp()
+    # under pytest-xdist every worker has its own base folder inside the run's: the workers share one cache, as
+    # processes of one user do (exports are locked and atomic), so each model is exported once per run
+    path = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "stella-cache"
+    path.mkdir(exist_ok=True)
     os.environ["STELLA_SEARCH_CACHE_DIR"] = str(path)
     return path
 
@@ -99,3 +103,22 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
             if limit and len(out) >= limit:
                 break
     return out
+
+
+def slice_dataset(name: str, out: Path, queries: int = 4, extra_docs: int = 150):
+    """A BEIR slice of ``tests/data/<name>`` written to ``out``: the first ``queries`` judged queries, every document
+    judged for them, plus the first ``extra_docs`` others (distractors)."""
+    from indexer.evaluation import BeirDataset
+
+    full = BeirDataset.load(DATA / name)
+    chosen = list(full.queries)[:queries]
+    judged = {doc for q in chosen for doc in full.qrels[q]}
+    corpus = read_jsonl(full.corpus)
+    kept = [r for r in corpus if r["_id"] in judged]
+    kept += [r for r in corpus if r["_id"] not in judged][:extra_docs]
+    (out / "qrels").mkdir(parents=True)
+    write_jsonl(out / "corpus.jsonl", kept)
+    write_jsonl(out / "queries.jsonl", [{"_id": q, "text": full.queries[q]} for q in chosen])
+    rows = [f"{q}\t{d}\t{s}" for q in chosen for d, s in full.qrels[q].items()]
+    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
+    return BeirDataset.load(out)

@@ -250,7 +250,7 @@ def test_the_server_sees_writes_made_by_another_process(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_an_interrupted_ingest_resumes_without_reencoding_committed_batches(tmp_path, sig):
     data = tmp_path / "data"
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "msmarco" / "corpus.jsonl", limit=700))
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "msmarco" / "corpus.jsonl", limit=300))
     env = {**os.environ, "STELLA_SEARCH_INGEST__COMMIT_DOCUMENTS": "25"}
     args = [STELLA, "ingest", str(corpus), "--data-dir", str(data), "--model", "minilm", "--json"]
     # a shell without job control starts background jobs with SIGINT ignored, and children inherit that: give the
@@ -268,7 +268,7 @@ def test_an_interrupted_ingest_resumes_without_reencoding_committed_batches(tmp_
         if db.exists():
             conn = sqlite3.connect(db, timeout=0.2)  # never stall the poll behind a busy writer
             try:
-                if conn.execute("SELECT count(*) FROM documents").fetchone()[0] >= 100:
+                if conn.execute("SELECT count(*) FROM documents").fetchone()[0] >= 50:
                     break
             except sqlite3.OperationalError:
                 pass
@@ -282,13 +282,13 @@ def test_an_interrupted_ingest_resumes_without_reencoding_committed_batches(tmp_
     with Collection.open(data / "default") as collection:  # nothing half-written: rows and index agree
         committed = collection.count_documents()
         assert collection.index_size == collection.count_passages() == committed
-        assert 100 <= committed < 700 and committed % 25 == 0
+        assert 50 <= committed < 300 and committed % 25 == 0
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["documents_unchanged"] == committed
-    assert report["documents_added"] == 700 - committed  # only the batch in flight and the rest are encoded
-    assert report["collection"] == {"documents": 700, "passages": 700}
+    assert report["documents_added"] == 300 - committed  # only the batch in flight and the rest are encoded
+    assert report["collection"] == {"documents": 300, "passages": 300}
 
 
 # -- snapshots ------------------------------------------------------------------------------------------------

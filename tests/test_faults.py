@@ -30,7 +30,7 @@ from storage.collection import Collection, Document, Manifest, Passage
 
 from conftest import cpu_settings
 
-RUNS = {"upsert": 10, "ingest": 4, "snapshot": 5, "optimize": 4}
+RUNS = {"upsert": 6, "ingest": 3, "snapshot": 3, "optimize": 3}
 DOCUMENTS = {"optimize": 110}  # HNSW32 needs 100 passages to be tuned; the other sweeps start from 20 documents
 
 

@@ -18,23 +18,7 @@ from indexer.evaluation import BeirDataset, evaluate
 from search_api.cli import main
 from storage.collection import Collection
 
-from conftest import DATA, read_jsonl, write_jsonl
-
-
-def slice_dataset(name: str, out, queries: int = 4, extra_docs: int = 150):
-    """The first ``queries`` judged queries, every document judged for them, plus ``extra_docs`` others."""
-    full = BeirDataset.load(DATA / name)
-    chosen = list(full.queries)[:queries]
-    judged = {doc for q in chosen for doc in full.qrels[q]}
-    corpus = read_jsonl(full.corpus)
-    kept = [r for r in corpus if r["_id"] in judged]
-    kept += [r for r in corpus if r["_id"] not in judged][:extra_docs]
-    (out / "qrels").mkdir(parents=True)
-    write_jsonl(out / "corpus.jsonl", kept)
-    write_jsonl(out / "queries.jsonl", [{"_id": q, "text": full.queries[q]} for q in chosen])
-    rows = [f"{q}\t{d}\t{s}" for q in chosen for d, s in full.qrels[q].items()]
-    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
-    return BeirDataset.load(out)
+from conftest import read_jsonl, slice_dataset
 
 
 def reference_run(collection: Collection, dataset: BeirDataset, k: int = 100) -> dict:
