@@ -20,7 +20,7 @@ importing torch). For N = 1, 2, ... until the operation makes fewer than N calls
     python scripts/faults.py --out scripts/results/faults.json            # every N of every operation and fault
     python scripts/faults.py --operations upsert,ingest --every 3         # every third N
 
-The suite runs the same sweeps on a smaller corpus, with three to six values of N per sweep
+The suite runs the same sweeps on a smaller corpus, with two to four values of N per sweep
 (tests/test_faults.py).
 """
 

@@ -52,7 +52,7 @@ NOT_RUN: list[tuple[str, str]] = [
     (r"^pip install\b", "it changes the environment the suite runs in"),
     (r"(^|\s)--ray\b|^ray (start|up)\b", "it needs a Ray cluster (tests/test_ray.py runs these paths on a local one)"),
     (
-        r"^python scripts/(bench_\w+|crasher|quality_backends|plot_performance)\.py\b",
+        r"^python scripts/(bench_\w+|crasher|faults|quality_backends|plot_performance)\.py\b",
         "a benchmark or its plot: it rewrites a results file under scripts/results (benchmarks take minutes to hours)",
     ),
     (r"^bash scripts/gpu_wheels\.sh\b", "it downloads wheels for a GPU machine"),

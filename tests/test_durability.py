@@ -209,8 +209,8 @@ def test_a_second_writer_waits_or_fails_naming_the_holder(tmp_path):
 
 def test_two_ingest_processes_on_one_collection(tmp_path):
     data = tmp_path / "data"
-    records = read_jsonl(DATA / "msmarco" / "corpus.jsonl", limit=240)
-    halves = [write_jsonl(tmp_path / f"{i}.jsonl", records[i * 120 : (i + 1) * 120]) for i in range(2)]
+    records = read_jsonl(DATA / "msmarco" / "corpus.jsonl", limit=120)
+    halves = [write_jsonl(tmp_path / f"{i}.jsonl", records[i * 60 : (i + 1) * 60]) for i in range(2)]
     procs = [
         subprocess.Popen(
             [STELLA, "ingest", str(h), "--data-dir", str(data), "--model", "minilm", "--wait", "300"],
@@ -223,8 +223,8 @@ def test_two_ingest_processes_on_one_collection(tmp_path):
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     with Collection.open(data / "default") as collection:
-        assert collection.count_documents() == 240
-        assert collection.index_size == collection.count_passages() == 240
+        assert collection.count_documents() == 120
+        assert collection.index_size == collection.count_passages() == 120
 
 
 def test_the_server_sees_writes_made_by_another_process(tmp_path):
@@ -250,7 +250,7 @@ def test_the_server_sees_writes_made_by_another_process(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_an_interrupted_ingest_resumes_without_reencoding_committed_batches(tmp_path, sig):
     data = tmp_path / "data"
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "msmarco" / "corpus.jsonl", limit=300))
+    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "msmarco" / "corpus.jsonl", limit=150))
     env = {**os.environ, "STELLA_SEARCH_INGEST__COMMIT_DOCUMENTS": "25"}
     args = [STELLA, "ingest", str(corpus), "--data-dir", str(data), "--model", "minilm", "--json"]
     # a shell without job control starts background jobs with SIGINT ignored, and children inherit that: give the
@@ -282,13 +282,13 @@ def test_an_interrupted_ingest_resumes_without_reencoding_committed_batches(tmp_
     with Collection.open(data / "default") as collection:  # nothing half-written: rows and index agree
         committed = collection.count_documents()
         assert collection.index_size == collection.count_passages() == committed
-        assert 50 <= committed < 300 and committed % 25 == 0
+        assert 50 <= committed < 150 and committed % 25 == 0
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["documents_unchanged"] == committed
-    assert report["documents_added"] == 300 - committed  # only the batch in flight and the rest are encoded
-    assert report["collection"] == {"documents": 300, "passages": 300}
+    assert report["documents_added"] == 150 - committed  # only the batch in flight and the rest are encoded
+    assert report["collection"] == {"documents": 150, "passages": 150}
 
 
 # -- snapshots ------------------------------------------------------------------------------------------------

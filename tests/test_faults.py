@@ -30,7 +30,7 @@ from storage.collection import Collection, Document, Manifest, Passage
 
 from conftest import cpu_settings
 
-RUNS = {"upsert": 6, "ingest": 3, "snapshot": 3, "optimize": 3}
+RUNS = {"upsert": 4, "ingest": 2, "snapshot": 2, "optimize": 2}
 DOCUMENTS = {"optimize": 110}  # HNSW32 needs 100 passages to be tuned; the other sweeps start from 20 documents
 
 
