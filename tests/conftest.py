@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+
+# schemathesis's pytest plugin imports its report writers at the end of the session, when threads the tests
+# left (Ray's, servers') may still run; CPython 3.11 before 3.11.8 can then fail the assertion-rewriting parse of
+# those modules with "AST constructor recursion depth mismatch" (python/cpython#106905) and end the run with a
+# traceback. Import them now, on the main thread alone; allure's writer needs allure-pytest, which the suite does
+# not install, so it is marked missing (the ImportError schemathesis expects, without parsing the module again).
+import schemathesis.reporting.html.writer  # noqa: E402,F401
+import schemathesis.reporting.junitxml  # noqa: E402,F401
+
+if importlib.util.find_spec("allure_commons") is None:
+    sys.modules["schemathesis.reporting.allure"] = None
 
 # The BEIR subsets the repository carries (see tests/data/SOURCE.md).
 DATA = ROOT / "tests" / "data"
