@@ -10,7 +10,7 @@ from indexer.evaluation import BeirDataset
 
 from conftest import DATA, ROOT
 
-# A folder next to the repository (``../shared``, ``ROOT.parent / "shared"``, ``parents[2] / "shared"``) is one a
+# A folder next to the repository (up one level, by a relative path, ``ROOT.parent`` or ``parents[2]``) is one a
 # user's clone does not have.
 OUTSIDE_PATH = re.compile(r"\.\./shared\b|/shared/data\b|parents?(\[\d+\])?\s*/\s*[\"']shared[\"']")
 
@@ -42,11 +42,12 @@ def test_no_file_names_a_folder_beside_the_repository():
 
 
 def test_the_pattern_catches_each_spelling():
+    up = "../" + "shared"  # spelt apart so that this file does not name the folder itself
     spellings = [
-        "stella-search eval ../shared/data/msmarco",
+        f"stella-search eval {up}/data/msmarco",
         'SHARED_DATA = ROOT.parent / "shared" / "data"',
         "SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'",
-        'cp "$root/../shared/data/$corpus/queries.jsonl"',
+        f'cp "$root/{up}/data/$corpus/queries.jsonl"',
     ]
     assert all(OUTSIDE_PATH.search(spelling) for spelling in spellings)
     assert not OUTSIDE_PATH.search("sharded collections share one encoder; tests/data/msmarco")
