@@ -62,6 +62,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Poll ``url``/ready until it answers 200; RuntimeError naming the server's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not come up; its log is {log}")
+        time.sleep(0.1)
+
+
 def clopper_pearson_upper(losses: int, trials: int, confidence: float = 0.95) -> float:
     """One-sided upper bound on a rate after ``losses`` in ``trials``: the p at which P(X <= losses) = 1 - confidence.
 
@@ -377,16 +391,10 @@ class Server:
             self.process = subprocess.Popen(
                 [*command, "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not come up; its log is {self.log_path}")
-            time.sleep(0.1)
+        try:
+            wait_until_ready(self.url, self.process, self.log_path)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
 
     def kill(self, term_first: float | None = None) -> None:
         """SIGKILL the server; with ``term_first``, SIGTERM it and SIGKILL it that many seconds later."""

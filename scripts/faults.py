@@ -36,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
+from crasher import free_port, wait_until_ready
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -196,17 +196,11 @@ class Cli:
         self.process.wait(timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A real ``stella-search serve`` with the shim loaded, until /ready answers 200."""
 
     def __init__(self, shim: Shim, data_dir: Path, log: Path):
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         stella = os.path.join(os.path.dirname(sys.executable), "stella-search")
         command = [stella, "serve", "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu"]
@@ -214,16 +208,7 @@ class Server:
             self.process = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, env=shim.environment(), start_new_session=True
             )
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not come up; its log is {log}")
-            time.sleep(0.1)
+        wait_until_ready(self.url, self.process, log)
         self.http = httpx.Client(base_url=self.url, timeout=120)
 
     def close(self) -> None:
