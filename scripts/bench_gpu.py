@@ -132,14 +132,13 @@ def main() -> None:
     import numpy as np
     import torch
     from sentence_transformers import SentenceTransformer
+    from stella_shaped import FULL_1_5B, FULL_400M, build_stella_400m_shaped, build_stella_shaped
 
     from indexer.chunking import Chunker, text_to_encode
     from indexer.encoder import Encoder, _xformers_on
     from indexer.pipeline import ingest_documents
     from indexer.settings import load_settings
     from storage.collection import Collection
-
-    from stella_shaped import FULL_1_5B, FULL_400M, build_stella_400m_shaped, build_stella_shaped
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")

@@ -7,8 +7,7 @@ import subprocess
 from pathlib import Path
 
 from indexer.evaluation import BeirDataset
-
-from conftest import DATA, ROOT
+from tests.helpers.data import DATA, ROOT
 
 # A folder next to the repository (up one level, by a relative path, ``ROOT.parent`` or ``parents[2]``) is one a
 # user's clone does not have.

@@ -14,9 +14,8 @@ from indexer.pipeline import encoder_for_collection
 from search_api.cli import main
 from search_api.retrieval import Retriever, SearchOptions
 from storage.collection import Collection, collection_dir
-
-from conftest import cpu_settings, write_jsonl
-from stella_shaped import S2P_QUERY, S2S_QUERY
+from tests.helpers.data import cpu_settings, write_jsonl
+from tests.helpers.stella_shaped import S2P_QUERY, S2S_QUERY
 
 QUERIES = [
     "what is faiss?",

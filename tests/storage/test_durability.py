@@ -24,9 +24,8 @@ from storage.collection import Collection, Document, Manifest, Passage
 from storage.errors import CollectionBusyError, InvalidInputError, InvalidSnapshotError
 from storage.filters import compile_filter
 from storage.snapshots import restore_snapshot, take_snapshot
-
-from conftest import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
-from server import RunningServer
+from tests.helpers.data import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
+from tests.helpers.server import RunningServer
 
 STELLA = str(Path(sys.executable).parent / "stella-search")
 

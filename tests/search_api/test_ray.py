@@ -18,9 +18,8 @@ from indexer.pipeline import ingest_paths
 from search_api.client import SearchAPIError, SearchClient
 from storage.collection import Collection
 from storage.sharding import open_collection, reshard, shard_of
-
-from conftest import DATA, cpu_settings, read_jsonl, slice_dataset, write_jsonl
-from server import free_port
+from tests.helpers.data import DATA, cpu_settings, read_jsonl, slice_dataset, write_jsonl
+from tests.helpers.processes import free_port
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 

@@ -6,6 +6,7 @@ with passages the collection has never seen as queries.
 """
 
 import json
+import re
 import sqlite3
 
 import httpx
@@ -17,10 +18,15 @@ from search_api.cli import main
 from storage.collection import Collection, Document, Passage, collection_dir
 from storage.errors import InvalidInputError
 from storage.vector_index import AUTO_FLAT_MAX, INDEX_TYPE, recall_at_k, resolve_index_type
+from tests.helpers.data import DATA, read_jsonl, server_settings, write_jsonl
+from tests.helpers.server import RunningServer
 
-from bench_scale import sentences
-from conftest import DATA, read_jsonl, server_settings, write_jsonl
-from server import RunningServer
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in SENTENCE_END.split(" ".join(text.split())) if len(s.strip()) > 1]
+
 
 STORED = 1000
 HELD_OUT = 150

@@ -17,8 +17,7 @@ from sentence_transformers import SentenceTransformer
 from indexer.evaluation import BeirDataset, evaluate
 from search_api.cli import main
 from storage.collection import Collection
-
-from conftest import read_jsonl, slice_dataset
+from tests.helpers.data import read_jsonl, slice_dataset
 
 
 def reference_run(collection: Collection, dataset: BeirDataset, k: int = 100) -> dict:

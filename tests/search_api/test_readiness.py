@@ -15,9 +15,8 @@ from indexer.pipeline import ingest_paths
 from indexer.settings import onnx_dir
 from storage.collection import Collection, collection_dir
 from storage.snapshots import take_snapshot
-
-from conftest import cpu_settings, server_settings, write_jsonl
-from server import RunningServer
+from tests.helpers.data import cpu_settings, server_settings, write_jsonl
+from tests.helpers.server import RunningServer
 
 DOCUMENTS = [
     {"id": "faiss", "text": "FAISS searches dense vectors for their nearest neighbours."},

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 from indexer.encoder import Encoder
-
-from conftest import cpu_settings, write_jsonl
+from tests.helpers.data import cpu_settings, write_jsonl
 
 STELLA = str(Path(sys.executable).with_name("stella-search"))
 EXPORTED = "exported the model for ONNX Runtime"

@@ -15,9 +15,8 @@ from storage.collection import Collection, Document, Hit, Manifest, Passage
 from storage.errors import InvalidInputError
 from storage.filters import compile_filter
 from storage.vector_index import GPU_MAX_K, VectorIndex, filtered_search
-
-from conftest import DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, write_jsonl
-from server import RunningServer
+from tests.helpers.data import DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, write_jsonl
+from tests.helpers.server import RunningServer
 
 N, DIM = 20_000, 32
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -10,15 +9,12 @@ import uvicorn
 
 from search_api.app import create_app
 from search_api.timeouts import uvicorn_options
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.processes import free_port
 
 
 class RunningServer:
+    """``create_app(settings)`` served by uvicorn in a daemon thread, for ``with`` blocks."""
+
     def __init__(self, settings, load_in_background: bool = False):
         self.app = create_app(settings, load_in_background=load_in_background)
         self.port = free_port()

@@ -15,10 +15,9 @@ from indexer.pipeline import ingest_paths
 from search_api.cli import main
 from search_api.client import AsyncSearchClient, SearchAPIError, SearchClient
 from storage.collection import Collection, Manifest
-
-from conftest import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
-from server import RunningServer, free_port
-from test_quality import slice_dataset
+from tests.helpers.data import DATA, cpu_settings, read_jsonl, server_settings, slice_dataset, write_jsonl
+from tests.helpers.processes import free_port
+from tests.helpers.server import RunningServer
 
 CORPUS = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=80)
 

@@ -61,9 +61,9 @@ from storage.errors import (
     StorageUnavailableError,
 )
 from storage.snapshots import take_snapshot
-
-from conftest import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
-from server import RunningServer, free_port
+from tests.helpers.data import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
+from tests.helpers.processes import free_port
+from tests.helpers.server import RunningServer
 
 # == Keys and transport ==============================================================================================
 

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faults import OPERATIONS, SUITE_FAULTS, Bench, Shim, Sweep, compile_shim
 
 from storage.collection import Collection, Document, Manifest, Passage
-
-from conftest import cpu_settings
+from tests.helpers.data import ROOT, cpu_settings
+from tests.helpers.faults import OPERATIONS, SUITE_FAULTS, Bench, Shim, Sweep, compile_shim
 
 RUNS = {"upsert": 4, "ingest": 2, "snapshot": 2, "optimize": 2}
 DOCUMENTS = {"optimize": 110}  # HNSW32 needs 100 passages to be tuned; the other sweeps start from 20 documents
@@ -125,7 +124,7 @@ import json, logging, sqlite3, sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, sys.argv[4])
-from faults import Shim
+from tests.helpers.faults import Shim
 from storage.collection import Collection, Document, Passage
 collection_path, disk, harness, _, step = sys.argv[1:6]
 shim = Shim(Path("unused"), Path(disk), Path(harness))
@@ -202,10 +201,9 @@ def _storage_child(shim_library, collection_path: Path, step: str) -> dict:
 
     tmp = collection_path.parents[1]
     shim = Shim(shim_library, tmp / "disk", tmp / "harness")
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
     child = subprocess.run(
         [sys.executable, "-c", STORAGE_CHILD, str(collection_path), str(tmp / "disk"), str(tmp / "harness"),
-         str(scripts), step],
+         str(ROOT), step],
         env=shim.environment(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert child.returncode == 0, child.stderr[-3000:]

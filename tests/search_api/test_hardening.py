@@ -16,9 +16,8 @@ from search_api.cli import main
 from search_api.client import SearchClient
 from storage.collection import Collection, Document, Manifest, Passage
 from storage.filters import compile_filter
-
-from conftest import DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, server_settings, write_jsonl
-from server import RunningServer
+from tests.helpers.data import DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, server_settings, write_jsonl
+from tests.helpers.server import RunningServer
 
 STELLA = str(Path(sys.executable).parent / "stella-search")
 

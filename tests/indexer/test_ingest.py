@@ -14,8 +14,7 @@ from indexer.sources import check_sources, read_documents
 from search_api.cli import main
 from storage.collection import Collection, Document
 from storage.errors import InvalidInputError
-
-from conftest import DATA, read_jsonl, write_jsonl
+from tests.helpers.data import DATA, read_jsonl, write_jsonl
 
 DOCS = [
     {"_id": "d1", "title": "Paris", "text": "Paris is the capital and largest city of France.", "lang": "en"},

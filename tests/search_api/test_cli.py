@@ -16,9 +16,8 @@ from click.testing import CliRunner
 
 from indexer.pipeline import ingest_paths
 from search_api.cli import main
-
-from conftest import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
-from server import RunningServer
+from tests.helpers.data import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
+from tests.helpers.server import RunningServer
 
 STELLA = str(Path(sys.executable).parent / "stella-search")
 # what the libraries print on their own while a model loads and is exported and quantised to ONNX

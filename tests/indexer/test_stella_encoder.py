@@ -15,9 +15,8 @@ from transformers import AutoModel, AutoTokenizer
 from indexer.encoder import Encoder
 from indexer.models import available_heads, default_head
 from storage.errors import InvalidInputError, ModelUnavailableError
-
-from conftest import cpu_settings
-from stella_shaped import S2P_QUERY, S2S_QUERY
+from tests.helpers.data import cpu_settings
+from tests.helpers.stella_shaped import S2P_QUERY, S2S_QUERY
 
 
 def reference(folder, text: str, head: int, keep: int | None = None, **config_kwargs) -> np.ndarray:

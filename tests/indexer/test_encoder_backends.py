@@ -11,8 +11,7 @@ from indexer.onnx_backend import GRAPH_VERSION
 from indexer.pipeline import encoder_for_collection
 from indexer.sources import read_documents
 from storage.collection import Collection
-
-from conftest import DATA, cpu_settings
+from tests.helpers.data import DATA, cpu_settings
 
 TEXTS = [
     "short",

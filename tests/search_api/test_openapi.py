@@ -12,9 +12,8 @@ import httpx
 from openapi_spec_validator import validate
 
 from indexer.pipeline import ingest_paths
-
-from conftest import DATA, cpu_settings, read_jsonl, write_jsonl
-from server import RunningServer
+from tests.helpers.data import DATA, cpu_settings, read_jsonl, write_jsonl
+from tests.helpers.server import RunningServer
 
 # What the API answers beyond the checks' defaults, by design (README, "Errors"): 422 is a body against the schema,
 # 400 an input the schema cannot state (repeated ids in one upsert, both or neither of similar's id and text, a

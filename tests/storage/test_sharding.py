@@ -15,9 +15,8 @@ from search_api.client import SearchClient
 from search_api.retrieval import Retriever, SearchOptions
 from storage.collection import Collection, Document, Manifest, Passage
 from storage.sharding import PASSAGE_ID_BITS, ShardedCollection, open_collection, reshard, shard_of
-
-from conftest import DATA, read_jsonl, server_settings, write_jsonl
-from server import RunningServer
+from tests.helpers.data import DATA, read_jsonl, server_settings, write_jsonl
+from tests.helpers.server import RunningServer
 
 DIM = 32
 MANIFEST = Manifest(model="test", model_id="test/model", revision="r1", dim=DIM, head="native")

@@ -11,9 +11,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from indexer.pipeline import ingest_paths
-
-from conftest import DATA, cpu_settings, read_jsonl, write_jsonl
-from server import RunningServer
+from tests.helpers.data import DATA, cpu_settings, read_jsonl, write_jsonl
+from tests.helpers.server import RunningServer
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from crasher import (
+
+from storage.collection import Collection
+from tests.helpers.crash import (
     GONE,
     LOSS_KINDS,
     Checker,
@@ -23,13 +25,8 @@ from crasher import (
     searchable_words,
     self_query,
 )
-
-from storage.collection import Collection
-
-from conftest import server_settings
-from server import RunningServer
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.data import ROOT, server_settings
+from tests.helpers.server import RunningServer
 
 
 def test_no_acknowledged_write_is_lost_across_sigkills(tmp_path):
