@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+from results_json import write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -251,9 +252,7 @@ def main() -> None:
     if "seed" in servers:
         result["ratios"]["microbatched_vs_seed_requests_per_s"] = rps_ratios(batched, servers["seed"])
         result["ratios"]["single_client_p50_microbatched_vs_seed"] = p50_ratio(batched, servers["seed"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_results(args.out, result)
 
 
 def _release_gpu_memory(device: str) -> None:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench_api import free_port, load_level, load_queries, percentiles, wait_ready
+from results_json import write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -140,9 +141,7 @@ def main() -> None:
             row["requests_per_s_vs_single_machine"] = round(row["load"]["requests_per_s"] / baseline, 2)
         result["search"] = {"collection": "3 shards", "clients": args.clients, **search}
     ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

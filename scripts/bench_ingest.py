@@ -14,13 +14,14 @@ their ratio is the pipeline's overhead. Ratios are against the baseline of the s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_json import write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -158,9 +159,7 @@ def main() -> None:
         "ingest_what": "read + chunk + encode + SQLite commit (vectors and FTS in rows) + FAISS + checkpoint",
         "corpora": corpora,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

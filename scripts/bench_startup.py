@@ -16,7 +16,6 @@ search in under 3 s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+from results_json import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 STELLA = str(Path(sys.executable).with_name("stella-search"))
@@ -152,9 +152,7 @@ def main() -> None:
         "goals_met": {name: results[name]["median_s"] < goal for name, goal in GOALS.items()},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.data import cpu_settings
+from tests.helpers.data import DATA, cpu_settings, ingest_records, read_jsonl, server_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,3 +65,18 @@ def tiny_stella_400m(tmp_path_factory) -> Path:
 @pytest.fixture
 def settings():
     return cpu_settings()
+
+
+@pytest.fixture(scope="module")
+def dbpedia20(tmp_path_factory) -> Path:
+    """A data folder whose collection ``default`` holds the first 20 dbpedia documents (MiniLM), one per module."""
+    return ingest_records(tmp_path_factory.mktemp("dbpedia20"), read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=20))
+
+
+@pytest.fixture(scope="module")
+def dbpedia20_server(dbpedia20):
+    """A server (default settings, MiniLM on the CPU) over ``dbpedia20``."""
+    from tests.helpers.server import RunningServer
+
+    with RunningServer(server_settings(dbpedia20)) as running:
+        yield running

@@ -50,7 +50,10 @@ READY_TIMEOUT_S = 180
 NOT_RUN: list[tuple[str, str]] = [
     (r"^make test\b", "it is this test suite"),
     (r"^pip install\b", "it changes the environment the suite runs in"),
-    (r"(^|\s)--ray\b|^ray (start|up)\b", "it needs a Ray cluster (tests/search_api/test_ray.py runs these paths on a local one)"),
+    (
+        r"(^|\s)--ray\b|^ray (start|up)\b",
+        "it needs a Ray cluster (tests/search_api/test_ray.py runs these paths on a local one)",
+    ),
     (
         r"^python scripts/(bench_\w+|crasher|faults|quality_backends|plot_performance)\.py\b",
         "a benchmark or its plot: it rewrites a results file under scripts/results (benchmarks take minutes to hours)",

@@ -75,3 +75,13 @@ def slice_dataset(name: str, out: Path, queries: int = 4, extra_docs: int = 150)
     rows = [f"{q}\t{d}\t{s}" for q in chosen for d, s in full.qrels[q].items()]
     (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
     return BeirDataset.load(out)
+
+
+def ingest_records(root: Path, records: list[dict], collection: str = "default") -> Path:
+    """``records`` written to ``root/corpus.jsonl`` and ingested with MiniLM on the CPU into ``root/data`` as
+    ``collection``; returns the data folder."""
+    from indexer.pipeline import ingest_paths
+
+    corpus = write_jsonl(root / "corpus.jsonl", records)
+    ingest_paths([corpus], root / "data", collection, cpu_settings(), model="minilm")
+    return root / "data"

@@ -29,7 +29,8 @@ def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: fl
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not come up; its log is {log}")
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise RuntimeError(f"the server did not come up; its log is {log}:\n{tail}")
         time.sleep(0.1)
 
 

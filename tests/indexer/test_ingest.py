@@ -4,6 +4,7 @@ rejected whole."""
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -193,6 +194,16 @@ def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _ingest_good(tmp_path) -> tuple[Path, Path, Path, str]:
+    """DOCS ingested by the CLI: (data folder, their file, the collection's database, its digest)."""
+    data_dir = tmp_path / "data"
+    good = write_jsonl(tmp_path / "good.jsonl", DOCS)
+    first = CliRunner().invoke(main, ["ingest", str(good), "--data-dir", str(data_dir), "--model", "minilm"])
+    assert first.exit_code == 0, first.output
+    db = data_dir / "default" / "collection.db"
+    return data_dir, good, db, _sha(db)
+
+
 BAD_INPUTS = {
     "empty file": (b"", r"empty.jsonl: no documents found"),
     "not JSON": (
@@ -215,13 +226,8 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_rejected_whole_and_nothing_stored_changes(tmp_path, case):
-    data_dir = tmp_path / "data"
-    good = write_jsonl(tmp_path / "good.jsonl", DOCS)
+    data_dir, good, db, before = _ingest_good(tmp_path)
     runner = CliRunner()
-    first = runner.invoke(main, ["ingest", str(good), "--data-dir", str(data_dir), "--model", "minilm"])
-    assert first.exit_code == 0, first.output
-    db = data_dir / "default" / "collection.db"
-    before = _sha(db)
     content, message = BAD_INPUTS[case]
     bad = tmp_path / ("empty.jsonl" if case == "empty file" else "bad.jsonl")
     bad.write_bytes(content)
@@ -242,12 +248,8 @@ EMPTY_RECORDS = {
 
 @pytest.mark.parametrize("case", EMPTY_RECORDS)
 def test_strict_refuses_an_empty_record_whole_and_nothing_stored_changes(tmp_path, case):
-    data_dir = tmp_path / "data"
-    good = write_jsonl(tmp_path / "good.jsonl", DOCS)
+    data_dir, good, db, before = _ingest_good(tmp_path)
     runner = CliRunner()
-    assert runner.invoke(main, ["ingest", str(good), "--data-dir", str(data_dir), "--model", "minilm"]).exit_code == 0
-    db = data_dir / "default" / "collection.db"
-    before = _sha(db)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(EMPTY_RECORDS[case])
     arguments = ["ingest", str(good), str(bad), "--data-dir", str(data_dir), "--model", "minilm"]
@@ -350,12 +352,8 @@ def test_eval_scores_title_only_documents_of_a_beir_folder(tmp_path):
     ],
 )
 def test_bad_options_are_clear_errors_and_change_nothing(tmp_path, args, into_existing, into_new):
-    data_dir = tmp_path / "data"
-    good = write_jsonl(tmp_path / "good.jsonl", DOCS)
+    data_dir, good, db, before = _ingest_good(tmp_path)
     runner = CliRunner()
-    assert runner.invoke(main, ["ingest", str(good), "--data-dir", str(data_dir), "--model", "minilm"]).exit_code == 0
-    db = data_dir / "default" / "collection.db"
-    before = _sha(db)
     result = runner.invoke(main, ["ingest", str(good), "--data-dir", str(data_dir), *args])
     assert result.exit_code == 2 and into_existing in result.output, result.output
     assert _sha(db) == before

@@ -11,11 +11,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from indexer.pipeline import ingest_paths
 from search_api.cli import main
 from search_api.client import AsyncSearchClient, SearchAPIError, SearchClient
 from storage.collection import Collection, Manifest
-from tests.helpers.data import DATA, cpu_settings, read_jsonl, server_settings, slice_dataset, write_jsonl
+from tests.helpers.data import (
+    DATA,
+    ingest_records,
+    read_jsonl,
+    server_settings,
+    slice_dataset,
+    write_jsonl,
+)
 from tests.helpers.processes import free_port
 from tests.helpers.server import RunningServer
 
@@ -25,8 +31,7 @@ CORPUS = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=80)
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    corpus = write_jsonl(root / "corpus.jsonl", CORPUS)
-    ingest_paths([corpus], root / "data", "default", cpu_settings(), model="minilm")
+    ingest_records(root, CORPUS)
     return root / "data"
 
 

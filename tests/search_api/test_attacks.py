@@ -49,7 +49,6 @@ import pytest
 from click.testing import CliRunner
 
 import search_api.service
-from indexer.pipeline import ingest_paths
 from search_api.batching import QueryBatcher
 from search_api.cli import main
 from storage.collection import Collection, Document, Passage
@@ -61,8 +60,8 @@ from storage.errors import (
     StorageUnavailableError,
 )
 from storage.snapshots import take_snapshot
-from tests.helpers.data import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
-from tests.helpers.processes import free_port
+from tests.helpers.data import DATA, ingest_records, read_jsonl, server_settings, write_jsonl
+from tests.helpers.processes import free_port, wait_until_ready
 from tests.helpers.server import RunningServer
 
 # == Keys and transport ==============================================================================================
@@ -78,8 +77,7 @@ READ, WRITE = {"Authorization": "Bearer r"}, {"Authorization": "Bearer w"}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("attacks-auth")
-    corpus = write_jsonl(root / "docs.jsonl", DOCUMENTS)
-    ingest_paths([corpus], root / "data", "secret-docs", cpu_settings(), model="minilm")
+    ingest_records(root, DOCUMENTS, "secret-docs")
     return root / "data"
 
 
@@ -329,8 +327,7 @@ FILES = ("collection.db", "index.faiss", "index.json")
 def template(tmp_path_factory) -> Path:
     """A data folder with the collection ``default`` (MiniLM) and its snapshot GOOD in .snapshots."""
     root = tmp_path_factory.mktemp("template")
-    corpus = write_jsonl(root / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=SNAPSHOT_DOCUMENTS))
-    ingest_paths([corpus], root / "data", "default", cpu_settings(), model="minilm")
+    ingest_records(root, read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=SNAPSHOT_DOCUMENTS))
     with Collection.open(root / "data" / "default") as collection:
         take_snapshot(collection, root / "data" / ".snapshots" / GOOD)
     return root / "data"
@@ -758,20 +755,6 @@ def nested(levels: int) -> dict:
     return metadata
 
 
-@pytest.fixture(scope="module")
-def inputs_data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("attacks")
-    corpus = write_jsonl(tmp / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=20))
-    ingest_paths([corpus], tmp / "data", "default", cpu_settings(), model="minilm")
-    return tmp / "data"
-
-
-@pytest.fixture(scope="module")
-def server(inputs_data):
-    with RunningServer(server_settings(inputs_data)) as running:
-        yield running
-
-
 def post_raw(server, path: str, body: str) -> httpx.Response:
     """``body`` sent as written: JSON escapes such as ``\\ud800`` reach the server's JSON parser untouched."""
     return httpx.post(
@@ -782,10 +765,10 @@ def post_raw(server, path: str, body: str) -> httpx.Response:
 # -- metadata nesting and size ---------------------------------------------------------------------------------
 
 
-def test_deeply_nested_metadata_is_a_400_naming_the_limit(server):
+def test_deeply_nested_metadata_is_a_400_naming_the_limit(dbpedia20_server):
     for levels in (33, 256):
         response = httpx.post(
-            f"{server.url}/collections/default/documents",
+            f"{dbpedia20_server.url}/collections/default/documents",
             json={"documents": [{"id": f"deep-{levels}", "text": "an airline", "metadata": nested(levels)}]},
             timeout=120,
         )
@@ -793,28 +776,33 @@ def test_deeply_nested_metadata_is_a_400_naming_the_limit(server):
         assert f"nested {levels} levels deep" in response.json()["detail"]
         assert "ingest.max_metadata_depth" in response.json()["detail"]
     at_limit = {"documents": [{"id": "deep-32", "text": "an airline", "metadata": nested(32)}]}
-    assert httpx.post(f"{server.url}/collections/default/documents", json=at_limit, timeout=120).status_code == 200
-    document = httpx.get(f"{server.url}/collections/default/documents/deep-32").json()
+    assert (
+        httpx.post(f"{dbpedia20_server.url}/collections/default/documents", json=at_limit, timeout=120).status_code
+        == 200
+    )
+    document = httpx.get(f"{dbpedia20_server.url}/collections/default/documents/deep-32").json()
     assert document["metadata"] == nested(32)
-    search = httpx.post(f"{server.url}/collections/default/search", json={"query": "an airline", "k": 30}, timeout=60)
+    search = httpx.post(
+        f"{dbpedia20_server.url}/collections/default/search", json={"query": "an airline", "k": 30}, timeout=60
+    )
     assert search.status_code == 200 and "deep-32" in [hit["id"] for hit in search.json()["results"]]
 
 
-def test_metadata_over_the_size_limit_is_a_400(server):
+def test_metadata_over_the_size_limit_is_a_400(dbpedia20_server):
     body = {"documents": [{"id": "big", "text": "big metadata", "metadata": {"blob": "x" * 70_000}}]}
-    response = httpx.post(f"{server.url}/collections/default/documents", json=body, timeout=120)
+    response = httpx.post(f"{dbpedia20_server.url}/collections/default/documents", json=body, timeout=120)
     assert response.status_code == 400, response.text
     assert "ingest.max_metadata_bytes" in response.json()["detail"]
-    assert httpx.get(f"{server.url}/collections/default/documents/big").status_code == 404
+    assert httpx.get(f"{dbpedia20_server.url}/collections/default/documents/big").status_code == 404
 
 
 def test_a_stored_document_with_deep_metadata_does_not_poison_reads(tmp_path):
     """A document written before writes were limited (here through the storage API, which copies what it is
     given) is still returned, with a marker, by GET and by every search that finds it."""
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=5))
-    ingest_paths([corpus], tmp_path / "data", "default", cpu_settings(), model="minilm")
+    records = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=5)
+    ingest_records(tmp_path, records)
     with Collection.open(tmp_path / "data" / "default") as collection:
-        vector = collection.passage_vectors(read_jsonl(corpus)[0]["_id"])[:1]
+        vector = collection.passage_vectors(records[0]["_id"])[:1]
         collection.write(
             [Document("poison", "Poison", "an old document", nested(256))],
             [Passage("poison", 0, "an old document", 0, 15)],
@@ -887,12 +875,14 @@ SURROGATE_BODIES = {
 
 
 @pytest.mark.parametrize("case", sorted(SURROGATE_BODIES))
-def test_a_lone_surrogate_anywhere_in_a_body_is_a_400(server, case):
+def test_a_lone_surrogate_anywhere_in_a_body_is_a_400(dbpedia20_server, case):
     path, body = SURROGATE_BODIES[case]
-    response = post_raw(server, path, body % SURROGATE)
+    response = post_raw(dbpedia20_server, path, body % SURROGATE)
     assert response.status_code == 400, response.text
     assert "surrogate" in response.json()["detail"] or "invalid" in response.json()["detail"]
-    assert httpx.get(f"{server.url}/collections/default/documents/x").status_code == 404  # nothing was written
+    assert (
+        httpx.get(f"{dbpedia20_server.url}/collections/default/documents/x").status_code == 404
+    )  # nothing was written
 
 
 def test_a_surrogate_escape_in_a_jsonl_file_is_refused_naming_the_line(tmp_path):
@@ -906,9 +896,9 @@ def test_a_surrogate_escape_in_a_jsonl_file_is_refused_naming_the_line(tmp_path)
     assert not (tmp_path / "d" / "default").exists()
 
 
-def test_cli_arguments_that_are_not_utf8_are_one_line_errors(inputs_data):
+def test_cli_arguments_that_are_not_utf8_are_one_line_errors(dbpedia20):
     """Bytes that are not UTF-8 in argv reach Python as lone surrogates (surrogateescape)."""
-    base = ["--data-dir", str(inputs_data)]
+    base = ["--data-dir", str(dbpedia20)]
     for arguments in (
         ["search", "caf\udce9", *base],
         ["search", "airline", "--filter", json.dumps({"lang": "x"}).replace("x", SURROGATE), *base],
@@ -922,29 +912,35 @@ def test_cli_arguments_that_are_not_utf8_are_one_line_errors(inputs_data):
 # -- names that must match in full -----------------------------------------------------------------------------
 
 
-def test_names_with_a_trailing_newline_are_refused(server, inputs_data, tmp_path):
-    created = httpx.post(f"{server.url}/collections", json={"name": "default\n", "model": "minilm"}, timeout=120)
+def test_names_with_a_trailing_newline_are_refused(dbpedia20_server, dbpedia20, tmp_path):
+    created = httpx.post(
+        f"{dbpedia20_server.url}/collections", json={"name": "default\n", "model": "minilm"}, timeout=120
+    )
     assert created.status_code == 400, created.text
     assert "invalid collection name" in created.json()["detail"]
-    assert sorted(p.name for p in inputs_data.iterdir() if not p.name.startswith(".")) == ["default"]
-    field = httpx.post(f"{server.url}/collections/default/search", json={"query": "a", "filter": {"lang\n": "en"}})
+    assert sorted(p.name for p in dbpedia20.iterdir() if not p.name.startswith(".")) == ["default"]
+    field = httpx.post(
+        f"{dbpedia20_server.url}/collections/default/search", json={"query": "a", "filter": {"lang\n": "en"}}
+    )
     assert field.status_code == 400 and "invalid metadata field name" in field.json()["detail"]
-    restored = httpx.post(f"{server.url}/collections/restore", json={"snapshot": "x\n", "collection": "fresh"})
+    restored = httpx.post(
+        f"{dbpedia20_server.url}/collections/restore", json={"snapshot": "x\n", "collection": "fresh"}
+    )
     assert restored.status_code == 400 and "invalid snapshot name" in restored.json()["detail"]
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"_id": "a", "text": "fine"}])
     result = CliRunner().invoke(
-        main, ["ingest", str(corpus), "--data-dir", str(inputs_data), "--collection", "default\n"]
+        main, ["ingest", str(corpus), "--data-dir", str(dbpedia20), "--collection", "default\n"]
     )
     assert result.exit_code == 2 and "invalid collection name" in result.output
-    result = CliRunner().invoke(main, ["index-field", "lang\n", "--data-dir", str(inputs_data)])
+    result = CliRunner().invoke(main, ["index-field", "lang\n", "--data-dir", str(dbpedia20)])
     assert result.exit_code == 2 and "invalid metadata field name" in result.output
 
 
 # -- one request must not take the server down -----------------------------------------------------------------
 
 
-def test_too_many_shards_are_refused_naming_the_setting(server, tmp_path):
-    response = httpx.post(f"{server.url}/collections", json={"name": "wide", "model": "minilm", "shards": 65})
+def test_too_many_shards_are_refused_naming_the_setting(dbpedia20_server, tmp_path):
+    response = httpx.post(f"{dbpedia20_server.url}/collections", json={"name": "wide", "model": "minilm", "shards": 65})
     assert response.status_code == 400, response.text
     assert "server.max_shards" in response.json()["detail"]
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"_id": "a", "text": "fine"}])
@@ -953,28 +949,31 @@ def test_too_many_shards_are_refused_naming_the_setting(server, tmp_path):
     assert not (tmp_path / "d" / "default").exists()
 
 
-def test_a_batch_too_large_to_answer_is_a_413_before_any_work(server):
+def test_a_batch_too_large_to_answer_is_a_413_before_any_work(dbpedia20_server):
     queries = [f"airline {i}" for i in range(256)]
     response = httpx.post(
-        f"{server.url}/collections/default/search/batch", json={"queries": queries, "k": 1000}, timeout=120
+        f"{dbpedia20_server.url}/collections/default/search/batch", json={"queries": queries, "k": 1000}, timeout=120
     )
     assert response.status_code == 413, response.text[:300]
     assert (
         "server.max_response_hits" in response.json()["detail"] and "256 queries x k=1000" in response.json()["detail"]
     )
     grouped = {"query": "airline", "k": 1000, "group_by": "document", "passages_per_document": 20}
-    assert httpx.post(f"{server.url}/collections/default/search", json=grouped, timeout=60).status_code == 200
+    assert httpx.post(f"{dbpedia20_server.url}/collections/default/search", json=grouped, timeout=60).status_code == 200
     two = {"queries": ["airline", "ship"], "k": 1000, "group_by": "document", "passages_per_document": 20}
-    response = httpx.post(f"{server.url}/collections/default/search/batch", json=two, timeout=60)
+    response = httpx.post(f"{dbpedia20_server.url}/collections/default/search/batch", json=two, timeout=60)
     assert response.status_code == 413 and "passages_per_document" in response.json()["detail"]
     within = {"queries": queries[:20], "k": 1000}
-    assert httpx.post(f"{server.url}/collections/default/search/batch", json=within, timeout=120).status_code == 200
+    assert (
+        httpx.post(f"{dbpedia20_server.url}/collections/default/search/batch", json=within, timeout=120).status_code
+        == 200
+    )
 
 
 def test_encoders_no_collection_uses_are_released_and_bounded(tmp_path):
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=10))
-    ingest_paths([corpus], tmp_path / "data", "default", cpu_settings(), model="minilm")
-    documents = [{"id": r["_id"], "text": r["text"]} for r in read_jsonl(corpus)]
+    records = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=10)
+    ingest_records(tmp_path, records)
+    documents = [{"id": r["_id"], "text": r["text"]} for r in records]
 
     def loaded(url) -> list[str]:
         return httpx.get(f"{url}/health").json()["models"]
@@ -1031,7 +1030,7 @@ def test_a_64_shard_collection_answers_300_requests_at_once_within_1024_descript
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, process, tmp_path / "server.log")
+        wait_until_ready(url, process, tmp_path / "server.log")
         created = httpx.post(f"{url}/collections", json={"name": "wide", "model": "minilm", "shards": 64}, timeout=300)
         assert created.status_code == 201, created.text
         records = read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=200)
@@ -1062,19 +1061,6 @@ def test_a_64_shard_collection_answers_300_requests_at_once_within_1024_descript
         process.wait(timeout=60)
 
 
-def wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if httpx.get(f"{url}/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"the server did not come up:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-
-
 # == Storage faults ==================================================================================================
 
 NEW = [{"id": "raft", "text": "Raft elects a leader and replicates a log across servers."}]
@@ -1087,8 +1073,7 @@ PR_CAPBSET_DROP = 24
 @pytest.fixture(scope="module")
 def fault_base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults")
-    corpus = write_jsonl(root / "docs.jsonl", DOCUMENTS)
-    ingest_paths([corpus], root / "data", "docs", cpu_settings(), model="minilm")
+    ingest_records(root, DOCUMENTS, "docs")
     return root / "data"
 
 

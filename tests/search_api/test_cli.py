@@ -14,10 +14,8 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from indexer.pipeline import ingest_paths
 from search_api.cli import main
-from tests.helpers.data import DATA, cpu_settings, read_jsonl, server_settings, write_jsonl
-from tests.helpers.server import RunningServer
+from tests.helpers.data import DATA, read_jsonl, write_jsonl
 
 STELLA = str(Path(sys.executable).parent / "stella-search")
 # what the libraries print on their own while a model loads and is exported and quantised to ONNX
@@ -35,39 +33,25 @@ LIBRARY_NOISE = (
 )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    corpus = write_jsonl(root / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=20))
-    ingest_paths([corpus], root / "data", "default", cpu_settings(), model="minilm")
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
-def server(data_dir):
-    with RunningServer(server_settings(data_dir)) as running:
-        yield running
-
-
 def search(*args: str, env: dict | None = None):
     return CliRunner().invoke(main, ["search", *args], env=env)
 
 
-def test_a_search_without_hits_says_so_and_names_its_filter(data_dir, server):
+def test_a_search_without_hits_says_so_and_names_its_filter(dbpedia20, dbpedia20_server):
     misspelt = '{"yaer": 2020}'
-    local = search("fictional airline", "--data-dir", str(data_dir), "--filter", misspelt)
-    remote = search("fictional airline", "--url", server.url, "--filter", misspelt)
+    local = search("fictional airline", "--data-dir", str(dbpedia20), "--filter", misspelt)
+    remote = search("fictional airline", "--url", dbpedia20_server.url, "--filter", misspelt)
     for result in (local, remote):
         assert result.exit_code == 0, result.output
         assert result.stdout == 'no results in collection default with filter {"yaer": 2020}\n'
-    paged = search("fictional airline", "--data-dir", str(data_dir), "--offset", "10000")
+    paged = search("fictional airline", "--data-dir", str(dbpedia20), "--offset", "10000")
     assert paged.stdout == "no results past the first 10000 in collection default\n"
-    as_json = search("fictional airline", "--data-dir", str(data_dir), "--filter", misspelt, "--json")
+    as_json = search("fictional airline", "--data-dir", str(dbpedia20), "--filter", misspelt, "--json")
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["results"] == []
 
 
-def test_a_search_with_hits_prints_them_and_no_such_line(data_dir):
-    result = search("fictional airline", "--data-dir", str(data_dir), "-k", "2")
+def test_a_search_with_hits_prints_them_and_no_such_line(dbpedia20):
+    result = search("fictional airline", "--data-dir", str(dbpedia20), "-k", "2")
     assert result.exit_code == 0, result.output
     assert "Oceanic Airlines" in result.stdout and "no results" not in result.stdout
 
@@ -121,31 +105,31 @@ def test_usage_errors_are_one_line_from_the_installed_command(tmp_path):
         assert result.stderr.startswith(message), result.stderr
 
 
-def test_the_cli_applies_the_servers_query_and_k_limits_with_its_messages(data_dir, server):
+def test_the_cli_applies_the_servers_query_and_k_limits_with_its_messages(dbpedia20, dbpedia20_server):
     long_query = "word " * 20_000
-    refused_by_http = httpx.post(f"{server.url}/collections/default/search", json={"query": long_query})
+    refused_by_http = httpx.post(f"{dbpedia20_server.url}/collections/default/search", json={"query": long_query})
     assert refused_by_http.status_code == 400
-    refused_here = search(long_query, "--data-dir", str(data_dir))
+    refused_here = search(long_query, "--data-dir", str(dbpedia20))
     assert refused_here.exit_code == 2
     assert refused_here.stderr == f"error: {refused_by_http.json()['detail']}\n"
     assert "query has 100000 characters; the limit is 4096" in refused_here.stderr
 
-    too_many = httpx.post(f"{server.url}/collections/default/search", json={"query": "airline", "k": 1001})
-    refused_k = search("airline", "--data-dir", str(data_dir), "-k", "1001")
+    too_many = httpx.post(f"{dbpedia20_server.url}/collections/default/search", json={"query": "airline", "k": 1001})
+    refused_k = search("airline", "--data-dir", str(dbpedia20), "-k", "1001")
     assert too_many.status_code == 400 and refused_k.exit_code == 2
     assert refused_k.stderr == f"error: {too_many.json()['detail']}\n"
 
-    blank = search("   ", "--data-dir", str(data_dir))
+    blank = search("   ", "--data-dir", str(dbpedia20))
     assert blank.exit_code == 2 and blank.stderr == "error: query is empty; send some text to search for\n"
 
 
-def test_the_limits_come_from_the_settings(data_dir):
+def test_the_limits_come_from_the_settings(dbpedia20):
     env = {"STELLA_SEARCH_SERVER__MAX_QUERY_CHARS": "20", "STELLA_SEARCH_SERVER__MAX_K": "5"}
-    long = search("a question of thirty characters", "--data-dir", str(data_dir), env=env)
+    long = search("a question of thirty characters", "--data-dir", str(dbpedia20), env=env)
     assert long.exit_code == 2 and "query has 31 characters; the limit is 20" in long.stderr
-    deep = search("airline", "--data-dir", str(data_dir), "-k", "6", env=env)
+    deep = search("airline", "--data-dir", str(dbpedia20), "-k", "6", env=env)
     assert deep.exit_code == 2 and "k is 6; it must be between 1 and 5" in deep.stderr
-    allowed = search("airline", "--data-dir", str(data_dir), "-k", "5", env=env)
+    allowed = search("airline", "--data-dir", str(dbpedia20), "-k", "5", env=env)
     assert allowed.exit_code == 0 and allowed.stdout.count("\n") == 10  # 5 hits of two lines
 
 

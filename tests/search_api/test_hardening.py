@@ -11,12 +11,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from indexer.pipeline import ingest_paths
 from search_api.cli import main
 from search_api.client import SearchClient
 from storage.collection import Collection, Document, Manifest, Passage
 from storage.filters import compile_filter
-from tests.helpers.data import DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, server_settings, write_jsonl
+from tests.helpers.data import (
+    DATA,
+    downgrade_to_schema_v1,
+    ingest_records,
+    read_jsonl,
+    server_settings,
+)
 from tests.helpers.server import RunningServer
 
 STELLA = str(Path(sys.executable).parent / "stella-search")
@@ -28,8 +33,7 @@ def serve(data_dir, **server):
 
 @pytest.fixture
 def data(tmp_path):
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=30))
-    ingest_paths([corpus], tmp_path / "data", "default", cpu_settings(), model="minilm")
+    ingest_records(tmp_path, read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=30))
     return tmp_path / "data"
 
 

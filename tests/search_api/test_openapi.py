@@ -11,8 +11,7 @@ from pathlib import Path
 import httpx
 from openapi_spec_validator import validate
 
-from indexer.pipeline import ingest_paths
-from tests.helpers.data import DATA, cpu_settings, read_jsonl, write_jsonl
+from tests.helpers.data import DATA, cpu_settings, ingest_records, read_jsonl
 from tests.helpers.server import RunningServer
 
 # What the API answers beyond the checks' defaults, by design (README, "Errors"): 422 is a body against the schema,
@@ -40,8 +39,7 @@ checks.ensure_resource_availability.enabled = false
 
 
 def test_openapi_document_validates_and_survives_schemathesis(tmp_path):
-    corpus = write_jsonl(tmp_path / "c.jsonl", read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=30))
-    ingest_paths([corpus], tmp_path / "data", "default", cpu_settings(), model="minilm")
+    ingest_records(tmp_path, read_jsonl(DATA / "dbpedia" / "corpus.jsonl", limit=30))
     settings = cpu_settings()
     settings.data_dir = tmp_path / "data"
     settings.server.max_documents_per_request = 20

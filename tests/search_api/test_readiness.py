@@ -11,11 +11,10 @@ import pytest
 
 from indexer.encoder import Encoder, graph_fingerprint
 from indexer.onnx_backend import graph_path
-from indexer.pipeline import ingest_paths
 from indexer.settings import onnx_dir
 from storage.collection import Collection, collection_dir
 from storage.snapshots import take_snapshot
-from tests.helpers.data import cpu_settings, server_settings, write_jsonl
+from tests.helpers.data import cpu_settings, ingest_records, server_settings
 from tests.helpers.server import RunningServer
 
 DOCUMENTS = [
@@ -26,8 +25,7 @@ DOCUMENTS = [
 
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
-    corpus = write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)
-    ingest_paths([corpus], tmp_path / "data", "docs", cpu_settings(), model="minilm")
+    ingest_records(tmp_path, DOCUMENTS, "docs")
     return tmp_path / "data"
 
 

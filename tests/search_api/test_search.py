@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 from indexer.encoder import Encoder
-from indexer.pipeline import ingest_paths
 from search_api.client import SearchAPIError, SearchClient
 from search_api.retrieval import Retriever, SearchOptions, minmax, rrf
 from storage.collection import Collection, Document, Hit, Manifest, Passage
 from storage.errors import InvalidInputError
 from storage.filters import compile_filter
 from storage.vector_index import GPU_MAX_K, VectorIndex, filtered_search
-from tests.helpers.data import DATA, cpu_settings, downgrade_to_schema_v1, read_jsonl, write_jsonl
+from tests.helpers.data import DATA, cpu_settings, downgrade_to_schema_v1, ingest_records, read_jsonl, write_jsonl
 from tests.helpers.server import RunningServer
 
 N, DIM = 20_000, 32
@@ -105,8 +104,7 @@ def served(tmp_path_factory):
         f"Sentence {i} of a very long report about zebra migration in the Serengeti." for i in range(120)
     )
     records.append({"_id": "long-report", "title": "Zebra report", "text": long_text, "year": 2024, "lang": "en"})
-    corpus = write_jsonl(root / "c.jsonl", records)
-    ingest_paths([corpus], root / "data", "default", cpu_settings(), model="minilm")
+    ingest_records(root, records)
     settings = cpu_settings()
     settings.data_dir = root / "data"
     with RunningServer(settings) as server:

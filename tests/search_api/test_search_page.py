@@ -122,31 +122,36 @@ def test_search_page_loads_nothing_from_elsewhere(browser_and_server):
     assert elsewhere(urls, server.url) == []
 
 
-def test_api_docs_render_from_the_server_alone(browser_and_server):
-    from selenium.webdriver.common.by import By
+def load_page(driver, url: str, ready) -> None:
+    """Open ``url`` with the request log emptied first, and wait until ``ready(driver)`` holds."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver, server = browser_and_server
     requested_urls(driver)
-    driver.get(server.url + "/docs")
-    WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock"))
-    paths = {e.get_attribute("data-path") for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
-    assert {"/collections/{collection}/search", "/collections", "/health"} <= paths
+    driver.get(url)
+    WebDriverWait(driver, 30).until(ready)
+
+
+def assert_spec_from_the_server_alone(driver, server) -> None:
     urls = requested_urls(driver)
     assert server.url + "/openapi.json" in urls
     assert elsewhere(urls, server.url) == []
+
+
+def test_api_docs_render_from_the_server_alone(browser_and_server):
+    from selenium.webdriver.common.by import By
+
+    driver, server = browser_and_server
+    load_page(driver, server.url + "/docs", lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock"))
+    paths = {e.get_attribute("data-path") for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/collections/{collection}/search", "/collections", "/health"} <= paths
+    assert_spec_from_the_server_alone(driver, server)
 
 
 def test_redoc_renders_from_the_server_alone(browser_and_server):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     driver, server = browser_and_server
-    requested_urls(driver)
-    driver.get(server.url + "/redoc")
-    wait = WebDriverWait(driver, 30)
-    wait.until(lambda d: "/collections/{collection}/search" in d.find_element(By.TAG_NAME, "body").text)
+    search_path = "/collections/{collection}/search"
+    load_page(driver, server.url + "/redoc", lambda d: search_path in d.find_element(By.TAG_NAME, "body").text)
     assert "stella-search" in driver.find_element(By.CSS_SELECTOR, ".api-info h1").text
-    urls = requested_urls(driver)
-    assert server.url + "/openapi.json" in urls
-    assert elsewhere(urls, server.url) == []
+    assert_spec_from_the_server_alone(driver, server)
